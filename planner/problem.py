@@ -1,0 +1,108 @@
+"""What is optimized, apart from how (pymoo's Problem): units, each unit's ordered level ladder,
+exact costs per (unit, level), and the budget. Numpy only: searchers import this, never torch.
+
+A solution is an integer vector x with x[u] = index into unit u's ladder (cheapest first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.budget import Budget, Metric
+from planner.errors import BadBudget
+from planner.plan import Plan
+
+
+@dataclass(frozen=True)
+class Costs:
+    bits: float      # nominal code bits per planned weight
+    bpw: float       # stored bits per planned weight (scales/zeros included)
+    nbytes: int      # stored bytes of the planned weights
+
+    def value(self, metric: Metric) -> float:
+        return {Metric.BITS: self.bits, Metric.BPW: self.bpw, Metric.BYTES: float(self.nbytes)}[metric]
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    units: tuple[str, ...]
+    numel: np.ndarray                 # [U] element count per unit
+    levels: tuple[tuple[str, ...], ...]  # per unit, level ids ordered cheapest -> most expensive
+    code_bits: np.ndarray             # [U, L] total nominal code bits of unit u at level l (nan pad)
+    stored_bits: np.ndarray           # [U, L] total stored bits (codes + scales + zeros) (nan pad)
+    budget: Budget
+    kinds: tuple[str, ...] = ()       # per unit kind ("q_proj", ...): lets operators restrict swaps
+    blocks: tuple[int, ...] = ()      # per unit decoder-block index (for reports and position rules)
+    _index: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index.update({name: i for i, name in enumerate(self.units)})
+
+    # --- shape -------------------------------------------------------------------------
+    @property
+    def n_units(self) -> int:
+        return len(self.units)
+
+    @property
+    def n_levels(self) -> np.ndarray:
+        return np.array([len(lv) for lv in self.levels])
+
+    @property
+    def total_numel(self) -> int:
+        return int(self.numel.sum())
+
+    # --- encoding ----------------------------------------------------------------------
+    def encode(self, plan: Plan) -> np.ndarray:
+        m = plan.as_dict()
+        return np.array([self.levels[i].index(m[u]) for i, u in enumerate(self.units)], dtype=np.int64)
+
+    def decode(self, x) -> Plan:
+        return Plan.of({u: self.levels[i][int(x[i])] for i, u in enumerate(self.units)})
+
+    # --- costs -------------------------------------------------------------------------
+    def unit_cost(self, metric: Metric) -> np.ndarray:
+        """[U, L] cost of each (unit, level) in the budget's additive currency (bits or bytes)."""
+        if metric is Metric.BITS:
+            return self.code_bits
+        return self.stored_bits / 8.0 if metric is Metric.BYTES else self.stored_bits
+
+    def cost(self, x) -> Costs:
+        idx = (np.arange(self.n_units), np.asarray(x))
+        code = float(self.code_bits[idx].sum())
+        stored = float(self.stored_bits[idx].sum())
+        n = self.total_numel
+        return Costs(bits=code / n, bpw=stored / n, nbytes=int(np.ceil(stored / 8)))
+
+    def budget_total(self) -> float:
+        """The budget expressed in the additive currency of `unit_cost` (total bits or bytes)."""
+        b = self.budget
+        return b.value if b.metric is Metric.BYTES else b.value * self.total_numel
+
+    def spend(self, x) -> float:
+        """Total cost of x in the budget's additive currency."""
+        c = self.unit_cost(self.budget.metric)
+        return float(c[np.arange(self.n_units), np.asarray(x)].sum())
+
+    def feasible(self, x) -> bool:
+        return self.spend(x) <= self.budget_total() * (1 + 1e-12)
+
+    def check_budget(self) -> None:
+        """Raise BadBudget when no plan (or every plan) meets the budget."""
+        c = self.unit_cost(self.budget.metric)
+        lo = float(np.nansum(np.nanmin(c, axis=1)))
+        hi = float(np.nansum(np.nanmax(c, axis=1)))
+        total = self.budget_total()
+        if total < lo * (1 - 1e-12):
+            cheapest = self.cost(np.zeros(self.n_units, dtype=int)).value(self.budget.metric)
+            raise BadBudget(f"budget {self.budget} is below the cheapest plan ({_fmt(cheapest, self.budget)}): "
+                            "raise the budget or add lower levels to the search space")
+        if total > hi * (1 + 1e-12):
+            top = self.cost(self.n_levels - 1).value(self.budget.metric)
+            raise BadBudget(f"budget {self.budget} is above the most expensive plan ({_fmt(top, self.budget)}): "
+                            "nothing to search; lower the budget or add higher levels")
+
+
+def _fmt(value: float, budget: Budget) -> str:
+    return str(Budget(value, budget.metric))
