@@ -8,8 +8,11 @@ are JSON that decodes only into registered classes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
+
+import numpy as np
 
 from planner.problem import Problem
 
@@ -29,6 +32,7 @@ class Candidate:
     method: str = ""
     generation: int = 0
     stage: int = 0
+    label: str = ""                # human label for reports ("uniform 2", "mix 1/2 by-block-asc", "parent")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,15 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None and math.isfinite(self.kl)
+
+
+def derive_seed(run_seed: int, *path: int) -> int:
+    """A data seed derived from the run seed and a path such as (generation, stage).
+
+    Fresh windows per (generation, stage) without storing them: a resumed run re-derives the same
+    seeds, and two searchers with the same run seed see the same data at the same point.
+    """
+    return int(np.random.SeedSequence(int(run_seed), spawn_key=tuple(int(p) for p in path)).generate_state(1)[0])
 
 
 class Searcher(Protocol):

@@ -1,0 +1,148 @@
+"""EvoPress-style (1+lambda) evolution with racing over fresh batches.
+
+Each generation: lambda offspring by `level_switch` from the parent; stage k measures the
+survivors of stage k-1 on a fresh batch (seed derived from run seed, generation, stage) and keeps
+the best `survivors`; in the last stage the parent is re-measured on the same batch, so the
+comparison that replaces it is a paired one and a lucky early measurement cannot stick.
+
+State is a plain dict (parent, the pending stage's plans, generation, stage, rng, history), so a
+run restored from JSON between ask and tell continues identically. A failed parent measurement is
+stored as inf, which Python's json writes as `Infinity` (as the journal does for failed rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.errors import PlannerError
+from planner.problem import Problem
+from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
+from planner.search.operators import fill_uniform, level_switch, n_switches, repair
+
+X = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EvoConfig:
+    generations: int = 50
+    offspring: int = 16
+    stages: tuple[tuple[int, int], ...] = ((4, 512), (1, 2048))   # (survivors, tokens) per stage
+    max_switches: int = 3
+    same_size_only: bool = False      # EvoPress's default; off so attention and MLP can trade bits
+    init_x: tuple[int, ...] | None = None   # warm start (repaired to the budget); default fill_uniform
+
+    def __post_init__(self) -> None:
+        if self.generations < 0 or self.offspring < 1 or self.max_switches < 1:
+            raise PlannerError("evo: generations >= 0, offspring >= 1 and max_switches >= 1 are required")
+        if not self.stages or any(len(s) != 2 or s[0] < 1 or s[1] < 1 for s in self.stages):
+            raise PlannerError(f"evo: stages must be non-empty (survivors, tokens) pairs >= 1, got {self.stages}")
+
+
+def _fit(r: Result) -> float:
+    """Racing fitness: failed evaluations rank last."""
+    return r.kl if r.ok else math.inf
+
+
+@register("evo", EvoConfig)
+class EvoSearcher:
+    """EvoPress-style (1+lambda) evolution with multi-stage racing on fresh batches."""
+
+    method = "evo"
+
+    def __init__(self, problem: Problem, config: EvoConfig, seed: int):
+        self.problem, self.config, self.seed = problem, config, int(seed)
+        self.rng = np.random.default_rng(seed)
+        if config.init_x is None:
+            parent = fill_uniform(problem, self.rng)
+        else:
+            if len(config.init_x) != problem.n_units:
+                raise PlannerError(f"evo: init_x has {len(config.init_x)} entries, the problem has "
+                                   f"{problem.n_units} units")
+            parent = repair(config.init_x, problem, self.rng)
+        self.parent: X = tuple(int(v) for v in parent)
+        self.parent_kl = math.inf
+        self.generation = 0
+        self.stage = 0
+        self.pending: list[X] | None = None     # plans of the current stage; None: not bred yet
+        self.history: list[tuple[int, float]] = []   # (generation, parent KL on that generation's last batch)
+
+    # --- ask / tell ----------------------------------------------------------------------
+    def _breed(self) -> list[X]:
+        """Distinct offspring, none a copy of the parent (bounded tries: tiny spaces run dry)."""
+        c, seen, out = self.config, {self.parent}, []
+        for _ in range(20 * c.offspring):
+            if len(out) == c.offspring:
+                break
+            k = n_switches(self.rng, c.max_switches)
+            child = tuple(int(v) for v in level_switch(self.parent, self.problem, self.rng, k, c.same_size_only))
+            if child not in seen:
+                seen.add(child)
+                out.append(child)
+        return out
+
+    def _fidelity(self) -> Fidelity:
+        return Fidelity(tokens=self.config.stages[self.stage][1],
+                        seed=derive_seed(self.seed, self.generation, self.stage))
+
+    def _last_stage(self) -> bool:
+        return self.stage == len(self.config.stages) - 1
+
+    def ask(self) -> list[Candidate]:
+        """The current stage's batch; asking again before `tell` returns the same batch."""
+        if self.done():
+            return []
+        if self.pending is None:
+            self.pending = self._breed()
+        f, g, s = self._fidelity(), self.generation, self.stage
+        out = [Candidate(x, f, method=self.method, generation=g, stage=s) for x in self.pending]
+        if self._last_stage():
+            out.append(Candidate(self.parent, f, method=self.method, generation=g, stage=s, label="parent"))
+        return out
+
+    def tell(self, results: list[Result]) -> None:
+        if self.pending is None:
+            raise PlannerError("evo: tell() before ask()")
+        fit = {tuple(r.candidate.x): _fit(r) for r in results}
+        # stable sort: ties keep breeding order, so the run is deterministic
+        ranked = sorted(self.pending, key=lambda x: fit.get(x, math.inf))
+        keep = ranked[: self.config.stages[self.stage][0]]
+        if not self._last_stage():
+            self.pending = keep
+            self.stage += 1
+            return
+        parent_kl = fit.get(self.parent, math.inf)
+        if keep and fit.get(keep[0], math.inf) < parent_kl:
+            self.parent, parent_kl = keep[0], fit[keep[0]]
+        self.parent_kl = parent_kl
+        self.history.append((self.generation, parent_kl))
+        self.generation += 1
+        self.stage = 0
+        self.pending = None
+
+    def done(self) -> bool:
+        return self.generation >= self.config.generations
+
+    def best(self) -> X | None:
+        return self.parent
+
+    # --- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "parent": list(self.parent), "parent_kl": self.parent_kl,
+                "generation": self.generation, "stage": self.stage,
+                "pending": None if self.pending is None else [list(x) for x in self.pending],
+                "rng": self.rng.bit_generator.state,
+                "history": [[g, kl] for g, kl in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.parent = tuple(int(v) for v in state["parent"])
+        self.parent_kl = float(state["parent_kl"])
+        self.generation, self.stage = int(state["generation"]), int(state["stage"])
+        pending = state["pending"]
+        self.pending = None if pending is None else [tuple(int(v) for v in x) for x in pending]
+        self.rng.bit_generator.state = state["rng"]
+        self.history = [(int(g), float(kl)) for g, kl in state["history"]]
+

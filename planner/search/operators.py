@@ -1,0 +1,117 @@
+"""Budget operators shared by every searcher: repair, the level-switch mutation, a uniform start.
+
+Written once so evo, NSGA-II and random search move through the space the same way. Every
+operator takes an explicit `numpy.random.Generator` and returns a new int64 vector (inputs are
+never modified). Costs come from `problem.unit_cost(budget.metric)`, an [U, L] table padded with
+nan past the end of each unit's ladder; ladders are cheapest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from planner.problem import Problem
+
+_REL_TOL = 1e-12      # the same tolerance as Problem.feasible
+
+
+def _costs(problem: Problem) -> tuple[np.ndarray, float, np.ndarray]:
+    """(cost table with nan replaced by +inf, budget limit with tolerance, top level per unit)."""
+    c = np.nan_to_num(problem.unit_cost(problem.budget.metric), nan=np.inf)
+    return c, problem.budget_total() * (1 + _REL_TOL), problem.n_levels - 1
+
+
+def _raise_deltas(x: np.ndarray, c: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Extra cost of raising each unit one step (inf where it is already at the top)."""
+    rows = np.arange(len(x))
+    up = np.minimum(x + 1, top)
+    return np.where(x < top, c[rows, up] - c[rows, x], np.inf)
+
+
+def fill_slack(x: np.ndarray, problem: Problem, rng: np.random.Generator) -> np.ndarray:
+    """Raise random units one step while any raise still fits, so plans end near the budget."""
+    x = np.array(x, dtype=np.int64)
+    c, limit, top = _costs(problem)
+    spend = problem.spend(x)
+    while True:
+        fits = np.flatnonzero(spend + _raise_deltas(x, c, top) <= limit)
+        if fits.size == 0:
+            return x
+        u = int(rng.choice(fits))
+        x[u] += 1
+        spend = problem.spend(x)     # re-summed, not accumulated: no float drift past the budget
+
+
+def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] = ()) -> np.ndarray:
+    """Bring x within budget, then fill the slack.
+
+    Over budget: lower random units one step, preferring units not in `frozen` (a mutation's
+    raised units, so the repair does not undo the move it repairs). Then `fill_slack`. The result
+    is feasible whenever the all-cheapest plan is.
+    """
+    x = np.clip(np.array(x, dtype=np.int64), 0, problem.n_levels - 1)
+    frozen_mask = np.zeros(len(x), dtype=bool)
+    frozen_mask[list(frozen)] = True
+    while not problem.feasible(x):
+        down = x > 0
+        if not down.any():
+            return x             # the all-cheapest plan is over budget: nothing can fix it here
+        pool = np.flatnonzero(down & ~frozen_mask)
+        if pool.size == 0:
+            pool = np.flatnonzero(down)
+        x[int(rng.choice(pool))] -= 1
+    return fill_slack(x, problem, rng)
+
+
+def n_switches(rng: np.random.Generator, max_switches: int = 3) -> int:
+    """EvoPress's switch count: min of two uniform draws in 1..max, so small moves dominate."""
+    return int(min(rng.integers(1, max_switches + 1), rng.integers(1, max_switches + 1)))
+
+
+def level_switch(x, problem: Problem, rng: np.random.Generator, n_switches: int,
+                 same_size_only: bool = False) -> np.ndarray:
+    """EvoPress's mutation: each switch raises one unit one step and lowers another one step.
+
+    same_size_only: the lowered unit has the same numel and the same step cost as the raised one,
+    so the spend is unchanged exactly (EvoPress's default). A switch with no such partner is
+    skipped. Otherwise any two units trade and the result is repaired with the raised units
+    frozen: attention and MLP can trade bits, which same-size swaps never do.
+    """
+    x = np.array(x, dtype=np.int64)
+    c, _, top = _costs(problem)
+    rows = np.arange(len(x))
+    raised: list[int] = []
+    touched = np.zeros(len(x), dtype=bool)         # never lower a unit just raised, nor vice versa
+    for _ in range(n_switches):
+        up_cost = _raise_deltas(x, c, top)
+        down_cost = np.where(x > 0, c[rows, x] - c[rows, np.maximum(x - 1, 0)], np.nan)
+        can_down = (x > 0) & ~touched
+        for a in rng.permutation(np.flatnonzero((x < top) & ~touched)):
+            ok = can_down.copy()
+            ok[a] = False
+            if same_size_only:
+                ok &= (problem.numel == problem.numel[a]) & np.isclose(down_cost, up_cost[a], rtol=1e-12, atol=0)
+            if ok.any():
+                b = int(rng.choice(np.flatnonzero(ok)))
+                x[a] += 1
+                x[b] -= 1
+                touched[[a, b]] = True
+                raised.append(int(a))
+                break
+    if same_size_only:
+        return x
+    return repair(x, problem, rng, frozen=raised)
+
+
+def fill_uniform(problem: Problem, rng: np.random.Generator) -> np.ndarray:
+    """The highest single level (ladder index clipped per unit) that fits, then the slack filled."""
+    top = problem.n_levels - 1
+    best = np.zeros(problem.n_units, dtype=np.int64)
+    for level in range(int(top.max()) + 1):
+        x = np.minimum(level, top).astype(np.int64)
+        if not problem.feasible(x):
+            break
+        best = x
+    return repair(best, problem, rng)
