@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from planner.errors import BadPlan
 
@@ -20,7 +20,7 @@ class Plan:
     assignment: tuple[tuple[str, str], ...]
 
     @classmethod
-    def of(cls, mapping: Mapping[str, str]) -> "Plan":
+    def of(cls, mapping: Mapping[str, str]) -> Plan:
         return cls(tuple(sorted(mapping.items())))
 
     def as_dict(self) -> dict[str, str]:
@@ -36,7 +36,7 @@ class Plan:
         return {"schema": PLAN_SCHEMA, "id": self.id, **extra, "plan": self.as_dict()}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "Plan":
+    def from_json(cls, data: Mapping) -> Plan:
         if not isinstance(data, Mapping) or "plan" not in data:
             raise BadPlan("plan JSON has no 'plan' field: pass a file written by planner (best_plan.json)")
         if data.get("schema", PLAN_SCHEMA) != PLAN_SCHEMA:
@@ -47,7 +47,7 @@ class Plan:
         return cls.of(plan)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         try:
             data = json.loads(path.read_text())

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.budget import Budget, Metric
-from planner.errors import BadBudget
+from planner.errors import BadBudget, BadPlan
 from planner.plan import Plan
 
 
@@ -55,7 +55,16 @@ class Problem:
 
     # --- encoding ----------------------------------------------------------------------
     def encode(self, plan: Plan) -> np.ndarray:
+        """Level indices of a plan; BadPlan if it does not name exactly this problem's units and levels."""
         m = plan.as_dict()
+        extra = set(m) - set(self._index)
+        missing = [u for u in self.units if u not in m]
+        if extra or missing:
+            which = f"unknown unit {sorted(extra)[0]!r}" if extra else f"no level for {missing[0]!r}"
+            raise BadPlan(f"plan does not fit this model/search space ({which}): was it made for another model or space?")
+        bad = [(u, m[u]) for i, u in enumerate(self.units) if m[u] not in self.levels[i]]
+        if bad:
+            raise BadPlan(f"plan gives {bad[0][0]} the level {bad[0][1]!r}, which this search space lacks: pass --space")
         return np.array([self.levels[i].index(m[u]) for i, u in enumerate(self.units)], dtype=np.int64)
 
     def decode(self, x) -> Plan:

@@ -94,7 +94,7 @@ class RunDir:
 
     # --- lifecycle ---------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, config: dict) -> "RunDir":
+    def create(cls, path: str | Path, config: dict) -> RunDir:
         path = Path(path)
         if path.exists():
             raise BadRunDir(f"run dir {str(path)!r} already exists: pick another --name, or --resume it")
@@ -106,7 +106,7 @@ class RunDir:
         return cls(path)
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
+    def open(cls, path: str | Path) -> RunDir:
         run = cls(path)
         if not (run.path / "config.json").is_file():
             raise BadRunDir(f"{str(path)!r} is not a planner run dir (no config.json): pass runs/<name>")

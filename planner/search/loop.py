@@ -62,12 +62,16 @@ def _row(problem: Problem, c: Candidate, r: Result, seconds: float) -> Row:
 
 
 def run_search(searcher: Searcher, problem: Problem, evaluate: Callable[[list[Candidate]], list[Result]],
-               run: RunDir, on_result: Callable[[Row], None] | None = None) -> None:
-    """Drive `searcher` to done, journaling every result into `run`; resumes from its checkpoint."""
+               run: RunDir, on_result: Callable[[Row], None] | None = None,
+               checkpoint: str = "checkpoint.json") -> None:
+    """Drive `searcher` to done, journaling every result into `run`; resumes from its checkpoint.
+
+    Several searchers may run one after another in one run dir (uniform baselines, then evo),
+    each with its own `checkpoint` file; they share the journal."""
     method = method_of(searcher)
     n_rows = resume_journal(run)
     rows = run.results()
-    ckpt = run.read("checkpoint.json")
+    ckpt = run.read(checkpoint)
     n_seen = 0
     if ckpt is not None:
         if ckpt.get("method") != method:
@@ -102,4 +106,4 @@ def run_search(searcher: Searcher, problem: Problem, evaluate: Callable[[list[Ca
                 on_result(row)
             results.append(r)
         searcher.tell(results)
-        run.write("checkpoint.json", {"searcher": searcher.state_dict(), "n_results": n_rows, "method": method})
+        run.write(checkpoint, {"searcher": searcher.state_dict(), "n_results": n_rows, "method": method})

@@ -1,0 +1,246 @@
+"""`planner`: the only place that parses arguments and decides exit codes.
+
+Library code raises PlannerError subclasses; here they become one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from planner.budget import parse_budget
+from planner.errors import BadRunDir, PlannerError
+from planner.model.families import DEFAULT_MODEL
+
+DESCRIPTION = """\
+planner finds per-layer quantization plans that lose the least quality for a size budget.
+It builds every layer's compressed levels once (GPTQ/RTN, real packed weights), then searches
+over which level each layer gets, measuring KL divergence to the original model.
+
+quick start:  planner search --budget 3.0bits          (default model and corpus, ~10 min on 2 cores)
+then:         planner eval runs/<name>/best_plan.json   (KL and perplexity on held-out text)
+              planner report runs/<name>                (HTML page with the Pareto scatter)
+"""
+
+
+def _model_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help=f"{DEFAULT_MODEL!r} (default, embedded), a local folder, a .gguf file, or a hub id")
+    g.add_argument("--dataset", default=None, help="'builtin' (default; Python's pydoc topics, no download), a .txt/.jsonl/.parquet file, or wikitext2/c4/fineweb-edu (network)")
+    g.add_argument("--text-field", default=None, help="field holding the text in .jsonl/.parquet files (default: text)")
+    g.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512)")
+    g.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens for GPTQ Hessians (default 8192)")
+    g.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens for final evaluation (default 8192)")
+    g.add_argument("--seed", type=int, default=None, help="seed for window split and search (default 0)")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="evaluation dtype (default bf16: 3-4x faster on CPU)")
+    g.add_argument("--trust-remote-code", action="store_true", default=None, help="allow model code from the hub (off by default)")
+    g.add_argument("--space", default=None, help="search space: a built-in name (gptq-g128, rtn-g128) or a YAML file")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="planner", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("search", help="find the best plan for a budget", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Build levels (cached), measure uniform baselines, search, and compare on held-out text.")
+    s.add_argument("--budget", help="3.0bits (code bits per weight), 3.25bpw (stored bits incl. scales), or a size like 45MB")
+    s.add_argument("--method", default=None, help="evo (default) or uniform")
+    s.add_argument("--generations", type=int, default=None, help="evo generations (default 40)")
+    s.add_argument("--offspring", type=int, default=None, help="evo offspring per generation (default 16)")
+    s.add_argument("--stages", default=None, help="evo racing stages as survivors@tokens,... (default 4@512,1@2048)")
+    s.add_argument("--uniform-tokens", type=int, default=None, help="tokens per uniform-baseline measurement (default 2048)")
+    s.add_argument("--name", default=None, help="run name (default: a timestamp); the run dir is RUNS_DIR/NAME")
+    s.add_argument("--runs-dir", default="runs", help="where run dirs go (default ./runs)")
+    s.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run dir with its own config")
+    _model_data_args(s)
+    _common(s)
+
+    lv = sub.add_parser("levels", help="build the levels database")
+    lvs = lv.add_subparsers(dest="levels_command", required=True, metavar="ACTION")
+    b = lvs.add_parser("build", help="quantize every unit at every level of the search space (cached)")
+    _model_data_args(b)
+    _common(b)
+
+    e = sub.add_parser("eval", help="KL and perplexity of a plan on held-out windows")
+    e.add_argument("plan", help="a plan JSON (e.g. runs/<name>/best_plan.json); its run's model and data are reused")
+    _model_data_args(e)
+    _common(e)
+
+    r = sub.add_parser("report", help="write the HTML report of a run")
+    r.add_argument("run", help="a run dir (runs/<name>)")
+    r.add_argument("--out", default=None, help="output file (default RUN/report.html)")
+    return parser
+
+
+DEFAULTS = {"method": "evo", "generations": 40, "offspring": 16, "stages": "4@512,1@2048", "uniform_tokens": 2048,
+            "space": "gptq-g128"}
+
+
+def _parse_stages(text: str) -> list[list[int]]:
+    try:
+        pairs = [part.split("@") for part in text.split(",")]
+        return [[int(s), int(t)] for s, t in pairs]
+    except ValueError:
+        raise PlannerError(f"malformed --stages {text!r}: use survivors@tokens pairs, e.g. 4@512,1@2048") from None
+
+
+def _model_data(args, base: dict | None = None):
+    """ModelData from the run's config (if any), overridden by flags given explicitly."""
+    from planner.pipeline import ModelData
+
+    values = dict(base or {})
+    for f in dataclasses.fields(ModelData):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return ModelData(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(ModelData)}})
+
+
+def _setup_torch(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def cmd_search(args) -> int:
+    from planner.pipeline import base_scores, finish, prepare, run_method
+    from planner.rundir import RunDir
+    from planner.space import load_space
+
+    if args.resume:
+        run = RunDir.open(args.resume)
+        cfg = run.config
+        md = _model_data(argparse.Namespace(), cfg["model_data"])
+    else:
+        if not args.budget:
+            raise PlannerError("missing --budget: e.g. --budget 3.0bits, 3.25bpw or 45MB")
+        parse_budget(args.budget)
+        method = args.method or DEFAULTS["method"]
+        from planner.search import make_config
+
+        evo = {"generations": args.generations or DEFAULTS["generations"], "offspring": args.offspring or DEFAULTS["offspring"],
+               "stages": _parse_stages(args.stages or DEFAULTS["stages"])}
+        method_config = evo if method == "evo" else {}
+        make_config(method, method_config)           # validate before any expensive work
+        md = _model_data(args)
+        name = args.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(args.runs_dir) / name
+        if path.exists():
+            raise BadRunDir(f"run dir {str(path)!r} already exists: pick another --name, or --resume it")
+        cfg = {"budget": args.budget, "method": method, "method_config": method_config,
+               "space": args.space or DEFAULTS["space"], "uniform_tokens": args.uniform_tokens or DEFAULTS["uniform_tokens"],
+               "model_data": dataclasses.asdict(md)}
+    space = load_space(cfg["space"])
+    budget = parse_budget(cfg["budget"])
+    _setup_torch(args.threads)
+    t0 = time.perf_counter()
+    session = prepare(md, space, quiet=args.quiet)
+    problem = session.problem(budget)                 # infeasible budget: error before the run dir exists
+    if not args.resume:
+        run = RunDir.create(path, cfg)
+        run.save_problem(problem)
+    seed = md.seed
+    best = run_method(session, problem, run, cfg["method"], cfg["method_config"], seed, cfg["uniform_tokens"])
+    rows = finish(session, problem, run, best, cfg["method"])
+    base = base_scores(session, problem)
+    print(summary_table(rows, base, problem, session, run, time.perf_counter() - t0))
+    return 0
+
+
+def summary_table(rows, base, problem, session, run, seconds: float) -> str:
+    n = problem.total_numel
+    lines = [f"\nplanner search: budget {problem.budget}, method {run.config['method']}, "
+             f"{len(run.results())} evaluations, {seconds / 60:.1f} min",
+             f"held-out: {base.tokens} tokens of {session.spec.dataset!r} never used for calibration or search; "
+             f"bits/bpw count the {problem.n_units} decoder-block linears ({n / 1e6:.1f}M weights; embeddings and lm_head excluded)",
+             "", f"{'plan':<34} {'bits':>6} {'bpw':>6} {'MB':>7} {'KL':>8} {'ppl':>8}",
+             f"{'base model (reference)':<34} {'':>6} {'':>6} {'':>7} {0.0:>8.4f} {base.ppl:>8.3f}"]
+    for r in rows:
+        mark = " *" if r.label == "best" else ""
+        label = f"best ({r.method})" if r.label == "best" else r.label
+        lines.append(f"{label + mark:<34} {r.bits:>6.3f} {r.bpw:>6.3f} {r.bytes / 1e6:>7.2f} {r.kl:>8.4f} {r.ppl:>8.3f}")
+    lines += ["", f"run dir: {run.path}", f"next:    planner eval {run.path / 'best_plan.json'}",
+              f"         planner report {run.path}"]
+    return "\n".join(lines)
+
+
+def cmd_levels(args) -> int:
+    from planner.pipeline import prepare
+    from planner.space import load_space
+
+    _setup_torch(args.threads)
+    session = prepare(_model_data(args), load_space(args.space or DEFAULTS["space"]), quiet=args.quiet)
+    print(f"levels database: {session.db.path} ({len(session.db.units)} units x {len(session.space.levels)} levels)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from planner.pipeline import prepare
+    from planner.plan import Plan
+    from planner.rundir import RunDir
+    from planner.space import load_space
+
+    plan = Plan.load(args.plan)
+    run_path = Path(args.plan).resolve().parent
+    base_cfg = RunDir.open(run_path).config if (run_path / "config.json").is_file() else {}
+    md = _model_data(args, base_cfg.get("model_data"))
+    space = load_space(args.space or base_cfg.get("space") or DEFAULTS["space"])
+    _setup_torch(args.threads)
+    session = prepare(md, space, quiet=args.quiet)
+    from planner.budget import Budget, Metric
+
+    problem = session.db.problem(session.units, Budget(1e9, Metric.BITS))
+    x = problem.encode(plan)
+    ev = session.evaluator(problem)
+    s = ev.score(plan, session.windows.heldout)
+    base = ev.score(None, session.windows.heldout)
+    c = problem.cost(x)
+    print(json.dumps({"plan": plan.id, "bits": round(c.bits, 4), "bpw": round(c.bpw, 4), "bytes": c.nbytes,
+                      "kl": round(s.kl, 5), "ppl": round(s.ppl, 4), "base_ppl": round(base.ppl, 4),
+                      "tokens": s.tokens, "dataset": md.dataset}))
+    print(f"plan {plan.id}: bits {c.bits:.3f}  bpw {c.bpw:.3f}  KL {s.kl:.4f}  ppl {s.ppl:.3f} "
+          f"(base {base.ppl:.3f}) on {s.tokens} held-out tokens of {md.dataset!r}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from planner.report.html import write_report
+    from planner.rundir import RunDir
+
+    out = write_report(RunDir.open(args.run), Path(args.out) if args.out else None)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if getattr(args, "quiet", False):
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    handler = {"search": cmd_search, "levels": cmd_levels, "eval": cmd_eval, "report": cmd_report}[args.command]
+    try:
+        return handler(args)
+    except PlannerError as e:
+        print(f"planner: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = " (resume with: planner search --resume RUN)" if args.command == "search" else ""
+        print(f"planner: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The verbs a user runs, as library functions (the CLI only parses arguments and prints):
+
+    session = prepare(ModelData(...), space)        # model, data windows, levels DB (cached)
+    problem = session.problem(budget)
+    run_method(session, problem, run, ...)            # uniform baselines, then the chosen searcher
+    finish(session, problem, run)                     # held-out measurement, pareto.json, best_plan.json
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from planner.budget import Budget
+from planner.data.corpus import load_text
+from planner.data.windows import Windows, make_windows, tokenize
+from planner.evaluate.evaluator import InProcessEvaluator
+from planner.levels.db import LevelsDB, build_levels
+from planner.model.load import LoadedModel, fingerprint, load_model
+from planner.plan import Plan
+from planner.problem import Problem
+from planner.rundir import Row, RunDir
+from planner.search import make_searcher, run_search
+from planner.space import SearchSpace
+from planner.units import Unit, find_units
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelData:
+    """Everything that decides the model, the token windows and hence the levels DB key."""
+
+    model: str = "smollm2-135m"
+    dataset: str = "builtin"
+    text_field: str = "text"
+    seqlen: int = 512
+    calib_tokens: int = 8192
+    eval_tokens: int = 8192
+    seed: int = 0
+    dtype: str = "bf16"          # evaluation dtype; levels are always built in fp32
+    trust_remote_code: bool = False
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Session:
+    spec: ModelData
+    loaded: LoadedModel
+    units: list[Unit]
+    windows: Windows
+    space: SearchSpace
+    db: LevelsDB
+    quiet: bool = False
+    _evaluator: InProcessEvaluator | None = None
+
+    def problem(self, budget: Budget) -> Problem:
+        p = self.db.problem(self.units, budget)
+        p.check_budget()
+        return p
+
+    def evaluator(self, problem: Problem) -> InProcessEvaluator:
+        if self._evaluator is None or self._evaluator.problem is not problem:
+            self._evaluator = InProcessEvaluator(self.loaded.model, self.db, problem, self.windows,
+                                                 dtype=DTYPES[self.spec.dtype])
+        return self._evaluator
+
+    def bar(self, **kw):
+        return tqdm(disable=self.quiet, dynamic_ncols=True, **kw)
+
+
+def prepare(spec: ModelData, space: SearchSpace, quiet: bool = False) -> Session:
+    """Load model and data, build (or reuse) the levels DB. Raises PlannerError on bad input."""
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    loaded = load_model(spec.model, dtype=torch.float32, trust_remote_code=spec.trust_remote_code)
+    units = find_units(loaded.model)
+    text = load_text(spec.dataset, spec.text_field)
+    windows = make_windows(tokenize(loaded.tokenizer, text), spec.seqlen, spec.calib_tokens, spec.eval_tokens, spec.seed)
+    session = Session(spec, loaded, units, windows, space, db=None, quiet=quiet)  # type: ignore[arg-type]
+    session.db = build_levels(loaded.model, units, space, windows.ids[windows.calib], fingerprint(loaded.model),
+                              progress_factory=lambda **kw: session.bar(**kw))
+    return session
+
+
+def _progress_hook(session: Session, total: int, desc: str):
+    bar = session.bar(total=total, desc=desc, unit="eval")
+    best = [math.inf]
+    t0 = time.perf_counter()
+
+    def on_result(row: Row) -> None:
+        if row.error is None and row.label != "parent":
+            best[0] = min(best[0], row.kl)
+        rate = bar.n / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(f"gen {row.generation} best KL {best[0]:.4f} {rate * row.tokens:.0f} tok/s")
+        bar.update(1)
+    return bar, on_result
+
+
+def run_method(session: Session, problem: Problem, run: RunDir, method: str, config: dict, seed: int,
+               uniform_tokens: int) -> tuple[int, ...]:
+    """Uniform baselines first (they are the yardstick and evo's warm start), then `method`."""
+    evaluate = session.evaluator(problem).evaluate
+    uniform = make_searcher("uniform", problem, {"tokens": uniform_tokens}, seed)
+    bar, hook = _progress_hook(session, len(uniform.ask()), "uniform baselines")
+    with bar:
+        run_search(uniform, problem, evaluate, run, on_result=hook, checkpoint="checkpoint.uniform.json")
+    if method == "uniform":
+        return uniform.best()
+    config = dict(config)
+    if method == "evo" and config.get("init_x") is None:
+        config["init_x"] = list(uniform.best())
+    searcher = make_searcher(method, problem, config, seed)
+    total = _expected_evals(method, config, searcher)
+    bar, hook = _progress_hook(session, total, method)
+    with bar:
+        run_search(searcher, problem, evaluate, run, on_result=hook)
+    return searcher.best()
+
+
+def _expected_evals(method: str, config: dict, searcher) -> int | None:
+    c = getattr(searcher, "config", None)
+    if method == "evo" and c is not None:
+        per_gen = c.offspring + sum(s for s, _ in c.stages[:-1]) + 1
+        return c.generations * per_gen
+    return None
+
+
+def measure(session: Session, problem: Problem, x, label: str, method: str) -> Row:
+    """One plan on the held-out windows (never used by calibration or search)."""
+    ev = session.evaluator(problem)
+    t0 = time.perf_counter()
+    s = ev.score(problem.decode(x), session.windows.heldout)
+    cost = problem.cost(x)
+    return Row(method=method, generation=-1, stage=-1, tokens=s.tokens, seed=-1, kl=s.kl, ppl=s.ppl,
+               bits=cost.bits, bpw=cost.bpw, bytes=cost.nbytes, plan_id=problem.decode(x).id,
+               x=[int(v) for v in x], seconds=time.perf_counter() - t0, label=label)
+
+
+def finish(session: Session, problem: Problem, run: RunDir, best_x, method: str) -> list[Row]:
+    """Held-out rows for the uniform levels within budget, the best uniform mix and the best plan;
+    then pareto.json and best_plan.json. Rows already measured (a resumed run) are reused."""
+    done = {r.label: r for r in run.heldout()}
+    rows = [r for r in run.results() if r.method == "uniform" and r.error is None]
+    wanted: list[tuple[str, tuple[int, ...], str]] = []
+    for r in rows:
+        if r.label.startswith("uniform "):
+            level = problem.levels[0][int(r.label.split()[1])]
+            wanted.append((f"uniform {level}", tuple(r.x), "uniform"))
+    mixes = [r for r in rows if r.label.startswith("mix ")]
+    if mixes:
+        m = min(mixes, key=lambda r: r.kl)
+        wanted.append((f"best mix ({m.label.split(' ', 2)[2]})", tuple(m.x), "uniform"))
+    wanted.append(("best", tuple(int(v) for v in best_x), method))
+    total = sum(1 for label, _, _ in wanted if label not in done)
+    with session.bar(total=total, desc="held-out evaluation", unit="plan") as bar:
+        for label, x, meth in wanted:
+            if label not in done:
+                done[label] = measure(session, problem, x, label, meth)
+                run.append_heldout(done[label])
+                bar.update(1)
+    out = [done[label] for label, _, _ in wanted]
+    run.write("pareto.json", [asdict(r) for r in pareto(out)])
+    best = done["best"]
+    run.write("best_plan.json", problem.decode(best.x).to_json(
+        bits=best.bits, bpw=best.bpw, bytes=best.bytes, heldout_kl=best.kl, heldout_ppl=best.ppl,
+        heldout_tokens=best.tokens, method=method, budget=str(problem.budget)))
+    return out
+
+
+def pareto(rows: list[Row]) -> list[Row]:
+    """Rows not dominated on (bits, kl), sorted by bits."""
+    ok = sorted((r for r in rows if r.error is None and math.isfinite(r.kl)), key=lambda r: (r.bits, r.kl))
+    front, best_kl = [], math.inf
+    for r in ok:
+        if r.kl < best_kl:
+            front.append(r)
+            best_kl = r.kl
+    return front
+
+
+def base_scores(session: Session, problem: Problem):
+    """The unmodified model on the held-out windows (KL 0 by construction; its perplexity)."""
+    return session.evaluator(problem).score(None, session.windows.heldout)
+
+
+def plan_vector(problem: Problem, plan: Plan) -> np.ndarray:
+    return problem.encode(plan)
