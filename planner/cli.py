@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build levels (cached), measure uniform baselines, search, and compare on held-out text.")
     s.add_argument("--budget", help="3.0bits (code bits per weight), 3.25bpw (stored bits incl. scales), or a size like 45MB")
     s.add_argument("--method", default=None, help="evo (default) or uniform")
-    s.add_argument("--generations", type=int, default=None, help="evo generations (default 40)")
+    s.add_argument("--generations", type=int, default=None, help="evo generations (default 30)")
     s.add_argument("--offspring", type=int, default=None, help="evo offspring per generation (default 16)")
     s.add_argument("--stages", default=None, help="evo racing stages as survivors@tokens,... (default 4@512,1@2048)")
     s.add_argument("--uniform-tokens", type=int, default=None, help="tokens per uniform-baseline measurement (default 2048)")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DEFAULTS = {"method": "evo", "generations": 40, "offspring": 16, "stages": "4@512,1@2048", "uniform_tokens": 2048,
+DEFAULTS = {"method": "evo", "generations": 30, "offspring": 16, "stages": "4@512,1@2048", "uniform_tokens": 2048,
             "space": "gptq-g128"}
 
 

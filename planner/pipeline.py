@@ -93,28 +93,41 @@ def prepare(spec: ModelData, space: SearchSpace, quiet: bool = False) -> Session
     return session
 
 
-def _progress_hook(session: Session, total: int, desc: str):
-    bar = session.bar(total=total, desc=desc, unit="eval")
-    best = [math.inf]
-    t0 = time.perf_counter()
+class _Progress:
+    """A progress bar advanced per evaluated candidate, with best KL and throughput."""
 
-    def on_result(row: Row) -> None:
+    def __init__(self, session: Session, total: int | None, desc: str, evaluate):
+        self.bar = session.bar(total=total, desc=desc, unit="eval")
+        self._evaluate, self.best, self.tokens, self.t0 = evaluate, math.inf, 0, time.perf_counter()
+
+    def evaluate(self, candidates):
+        results = []
+        for c in candidates:
+            results += self._evaluate([c])
+            self.tokens += c.fidelity.tokens
+            self.bar.update(1)
+        return results
+
+    def on_result(self, row: Row) -> None:
         if row.error is None and row.label != "parent":
-            best[0] = min(best[0], row.kl)
-        rate = bar.n / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix_str(f"gen {row.generation} best KL {best[0]:.4f} {rate * row.tokens:.0f} tok/s")
-        bar.update(1)
-    return bar, on_result
+            self.best = min(self.best, row.kl)
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"gen {row.generation} best KL {self.best:.4f} {rate:.0f} tok/s", refresh=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def run_method(session: Session, problem: Problem, run: RunDir, method: str, config: dict, seed: int,
                uniform_tokens: int) -> tuple[int, ...]:
     """Uniform baselines first (they are the yardstick and evo's warm start), then `method`."""
     evaluate = session.evaluator(problem).evaluate
-    uniform = make_searcher("uniform", problem, {"tokens": uniform_tokens}, seed)
-    bar, hook = _progress_hook(session, len(uniform.ask()), "uniform baselines")
-    with bar:
-        run_search(uniform, problem, evaluate, run, on_result=hook, checkpoint="checkpoint.uniform.json")
+    uniform = make_searcher("uniform", problem, {"tokens": uniform_tokens, "include_over_budget": True}, seed)
+    with _Progress(session, len(uniform.ask()), "uniform baselines", evaluate) as pr:
+        run_search(uniform, problem, pr.evaluate, run, on_result=pr.on_result, checkpoint="checkpoint.uniform.json")
     if method == "uniform":
         return uniform.best()
     config = dict(config)
@@ -122,9 +135,8 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
         config["init_x"] = list(uniform.best())
     searcher = make_searcher(method, problem, config, seed)
     total = _expected_evals(method, config, searcher)
-    bar, hook = _progress_hook(session, total, method)
-    with bar:
-        run_search(searcher, problem, evaluate, run, on_result=hook)
+    with _Progress(session, total, method, evaluate) as pr:
+        run_search(searcher, problem, pr.evaluate, run, on_result=pr.on_result)
     return searcher.best()
 
 

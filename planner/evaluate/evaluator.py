@@ -14,7 +14,7 @@ from torch import nn
 
 from planner.data.windows import Windows
 from planner.errors import BadPlan
-from planner.evaluate.kl import Scores, kl_and_nll
+from planner.evaluate.kl import Reference, Scores, kl_and_nll, reference
 from planner.levels.db import LevelsDB
 from planner.plan import Plan
 from planner.problem import Problem
@@ -29,7 +29,7 @@ class InProcessEvaluator:
         self.batch_windows = batch_windows
         self._modules = {u: model.get_submodule(u) for u in problem.units}
         self._base = {u: m.weight.data for u, m in self._modules.items()}
-        self._ref: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._ref: OrderedDict[int, Reference] = OrderedDict()
         self._ref_cap = int(ref_cache_bytes)
         self.evaluations = 0
 
@@ -49,24 +49,24 @@ class InProcessEvaluator:
 
     # --- measurement -------------------------------------------------------------------
     @torch.no_grad()
-    def _logprobs(self, window_idx: np.ndarray):
-        """Yield (window index, [seqlen, vocab] float32 log-probs) in batches of windows."""
+    def _logits(self, window_idx: np.ndarray):
+        """Yield (window index, [seqlen, vocab] logits in the model dtype) in batches of windows."""
         head = self.model.get_output_embeddings()
         for start in range(0, len(window_idx), self.batch_windows):
             idx = window_idx[start:start + self.batch_windows]
             hidden = self.model.base_model(self.windows.ids[idx], use_cache=False).last_hidden_state
             for j, w in enumerate(idx):  # one window's logits at a time: memory stays bounded
-                yield int(w), torch.log_softmax(head(hidden[j]).float(), dim=-1)
+                yield int(w), head(hidden[j])
 
     def _reference(self, window_idx: np.ndarray) -> None:
         missing = np.array([w for w in window_idx if int(w) not in self._ref], dtype=np.int64)
         if len(missing):
             self.apply(None)
-            for w, logp in self._logprobs(missing):
-                self._ref[w] = logp
+            for w, logits in self._logits(missing):
+                self._ref[w] = reference(logits)
         for w in window_idx:
             self._ref.move_to_end(int(w))
-        per = next(iter(self._ref.values())).numel() * 4
+        per = next(iter(self._ref.values())).nbytes
         keep = max(len(window_idx), self._ref_cap // per)
         while len(self._ref) > keep:
             self._ref.popitem(last=False)
@@ -76,8 +76,8 @@ class InProcessEvaluator:
         self._reference(window_idx)
         self.apply(plan)
         kl = nll = 0.0
-        for w, logq in self._logprobs(window_idx):
-            k, n = kl_and_nll(logq, self._ref[w], self.windows.ids[w])
+        for w, logits in self._logits(window_idx):
+            k, n = kl_and_nll(logits, self._ref[w], self.windows.ids[w])
             kl, nll = kl + k, nll + n
         self.apply(None)
         self.evaluations += 1
