@@ -96,17 +96,14 @@ def prepare(spec: ModelData, space: SearchSpace, quiet: bool = False) -> Session
 class _Progress:
     """A progress bar advanced per evaluated candidate, with best KL and throughput."""
 
-    def __init__(self, session: Session, total: int | None, desc: str, evaluate):
-        self.bar = session.bar(total=total, desc=desc, unit="eval")
-        self._evaluate, self.best, self.tokens, self.t0 = evaluate, math.inf, 0, time.perf_counter()
+    def __init__(self, session: Session, total: int | None, desc: str, evaluator, initial: int = 0):
+        self.bar = session.bar(total=total, desc=desc, unit="eval", initial=initial)
+        self._evaluator, self.best, self.tokens, self.t0 = evaluator, math.inf, 0, time.perf_counter()
+        evaluator.on_scored = lambda: self.bar.update(1)
 
     def evaluate(self, candidates):
-        results = []
-        for c in candidates:
-            results += self._evaluate([c])
-            self.tokens += c.fidelity.tokens
-            self.bar.update(1)
-        return results
+        self.tokens += sum(c.fidelity.tokens for c in candidates)
+        return self._evaluator.evaluate(candidates)
 
     def on_result(self, row: Row) -> None:
         if row.error is None and row.label != "parent":
@@ -118,15 +115,19 @@ class _Progress:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._evaluator.on_scored = None
         self.bar.close()
 
 
 def run_method(session: Session, problem: Problem, run: RunDir, method: str, config: dict, seed: int,
                uniform_tokens: int) -> tuple[int, ...]:
     """Uniform baselines first (they are the yardstick and evo's warm start), then `method`."""
-    evaluate = session.evaluator(problem).evaluate
+    evaluator = session.evaluator(problem)
+    done = {}
+    for r in run.results():
+        done[r.method] = done.get(r.method, 0) + 1
     uniform = make_searcher("uniform", problem, {"tokens": uniform_tokens, "include_over_budget": True}, seed)
-    with _Progress(session, len(uniform.ask()), "uniform baselines", evaluate) as pr:
+    with _Progress(session, len(uniform.ask()), "uniform baselines", evaluator, done.get("uniform", 0)) as pr:
         run_search(uniform, problem, pr.evaluate, run, on_result=pr.on_result, checkpoint="checkpoint.uniform.json")
     if method == "uniform":
         return uniform.best()
@@ -135,7 +136,7 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
         config["init_x"] = list(uniform.best())
     searcher = make_searcher(method, problem, config, seed)
     total = _expected_evals(method, config, searcher)
-    with _Progress(session, total, method, evaluate) as pr:
+    with _Progress(session, total, method, evaluator, done.get(method, 0)) as pr:
         run_search(searcher, problem, pr.evaluate, run, on_result=pr.on_result)
     return searcher.best()
 
