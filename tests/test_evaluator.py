@@ -271,9 +271,9 @@ def test_evaluate_reports_failures_instead_of_raising(tiny_sessions, monkeypatch
     assert ev.score(None, s.windows.pool[:2]).kl == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="uncommitted evaluator.py evaluate(): candidates sharing a fidelity are scored "
-                                       "as one group, and one failing candidate marks every candidate of its group "
-                                       "as failed (the `except` covers the whole score_many call)")
+@pytest.mark.xfail(strict=True, reason="evaluator.py:198-201 (385ba1a): candidates sharing a fidelity are scored as "
+                                       "one score_many group, and one failing candidate marks every candidate of its "
+                                       "group as failed (the `except` covers the whole group)")
 def test_one_failing_candidate_does_not_fail_its_siblings(tiny_sessions, monkeypatch):
     s = tiny_sessions("fp32")
     p = _problem(s)
