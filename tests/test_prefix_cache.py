@@ -39,3 +39,20 @@ def test_evaluate_groups_by_fidelity(tiny_sessions, one_thread):
     for r in results:
         w = session.windows.draw(r.candidate.fidelity.tokens, r.candidate.fidelity.seed)
         assert r.kl == ev.score(problem.decode(r.candidate.x), w).kl
+
+
+def test_topk_kl_is_a_tight_lower_bound():
+    import torch
+
+    from planner.evaluate.kl import kl_and_nll, reference
+
+    torch.manual_seed(0)
+    ref_logits = torch.randn(16, 500) * 3
+    cand = ref_logits + torch.randn(16, 500) * 0.5
+    ids = torch.randint(0, 500, (16,))
+    full, _ = kl_and_nll(cand, reference(ref_logits), ids)
+    top, nll_top = kl_and_nll(cand, reference(ref_logits, topk=64), ids)
+    assert 0 < top <= full + 1e-4
+    assert top > 0.5 * full
+    assert kl_and_nll(ref_logits, reference(ref_logits, topk=64), ids)[0] == 0.0
+    assert nll_top == kl_and_nll(cand, reference(ref_logits), ids)[1]

@@ -33,11 +33,11 @@ Prefix = list[list[torch.Tensor]]   # per window batch, the input hidden states 
 class InProcessEvaluator:
     def __init__(self, model: nn.Module, db: LevelsDB, problem: Problem, windows: Windows,
                  dtype: torch.dtype = torch.bfloat16, batch_windows: int = 4, ref_cache_bytes: float = 3e9,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, kl_topk: int | None = None):
         self.model = model.to(dtype)
         self.db, self.problem, self.windows, self.dtype = db, problem, windows, dtype
         self.batch_windows = batch_windows
-        self.prefix_cache = prefix_cache
+        self.prefix_cache, self.kl_topk = prefix_cache, kl_topk
         self._decoder = model.base_model
         self._modules = {u: model.get_submodule(u) for u in problem.units}
         self._base = {u: m.weight.data for u, m in self._modules.items()}
@@ -123,7 +123,7 @@ class InProcessEvaluator:
             for idx in self._batches(missing):
                 hidden = self._hidden(idx)
                 for j, w in enumerate(idx):
-                    self._ref[int(w)] = reference(head(hidden[j]))
+                    self._ref[int(w)] = reference(head(hidden[j]), self.kl_topk)
         for w in window_idx:
             self._ref.move_to_end(int(w))
         per = next(iter(self._ref.values())).nbytes

@@ -28,14 +28,23 @@ class Scores:
 
 @dataclass(frozen=True)
 class Reference:
-    """The base model's next-token distribution on one window."""
+    """The base model's next-token distribution on one window: all of it, or its top-K.
 
-    p: torch.Tensor          # [seqlen, vocab] float32 probabilities
-    p_log_p: float           # sum over the window of sum_v p log p
+    With top-K the tail (every other token) is one bucket of mass 1 - sum(top-K), so the KL is
+    that of the (K+1)-outcome coarsening: a lower bound of the full KL that needs K floats per
+    position instead of the vocabulary (a 131k-token paper-schedule stage would otherwise need
+    ~25 GB of reference).
+    """
+
+    p: torch.Tensor                    # [seqlen, vocab or K] float32 probabilities
+    p_log_p: float                     # sum over the window of sum p log p (tail bucket included)
+    index: torch.Tensor | None = None  # [seqlen, K] token ids of the top-K, None for the full vocabulary
+    tail: torch.Tensor | None = None   # [seqlen] mass outside the top-K
 
     @property
     def nbytes(self) -> int:
-        return self.p.numel() * self.p.element_size()
+        extra = 0 if self.index is None else self.index.numel() * self.index.element_size() + self.tail.numel() * 4
+        return self.p.numel() * self.p.element_size() + extra
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -47,15 +56,31 @@ def cross_term(p: torch.Tensor, logq: torch.Tensor) -> float:
     return float(torch.einsum("tv,tv->t", p, logq).sum())
 
 
-def reference(logits: torch.Tensor) -> Reference:
+def _tail_log(mass: torch.Tensor) -> torch.Tensor:
+    return mass.clamp_min(1e-30).log()
+
+
+def _top_cross(p: torch.Tensor, tail: torch.Tensor, index: torch.Tensor, logq: torch.Tensor) -> float:
+    """sum p log q over the top-K tokens plus the tail bucket."""
+    logq_k = logq.gather(1, index)
+    q_tail = (1.0 - logq_k.exp().sum(-1)).clamp_min(0.0)
+    return cross_term(p, logq_k) + float((tail * _tail_log(q_tail)).sum())
+
+
+def reference(logits: torch.Tensor, topk: int | None = None) -> Reference:
     logp = log_probs(logits)
-    p = logp.exp()
-    return Reference(p, cross_term(p, logp))
+    if topk is None or topk >= logp.shape[-1]:
+        p = logp.exp()
+        return Reference(p, cross_term(p, logp))
+    index = logp.topk(topk, dim=-1).indices
+    p = logp.gather(1, index).exp()
+    tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    return Reference(p, _top_cross(p, tail, index, logp), index, tail)
 
 
 def kl_and_nll(logits: torch.Tensor, ref: Reference, ids: torch.Tensor) -> tuple[float, float]:
     """Sums (not means) over one window: KL(p_ref || q) over all positions, NLL over next tokens."""
     logq = log_probs(logits)
-    kl = ref.p_log_p - cross_term(ref.p, logq)
+    cross = cross_term(ref.p, logq) if ref.index is None else _top_cross(ref.p, ref.tail, ref.index, logq)
     nll = -float(logq[:-1].gather(1, ids[1:, None]).sum())
-    return kl, nll
+    return ref.p_log_p - cross, nll
