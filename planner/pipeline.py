@@ -45,6 +45,7 @@ class ModelData:
     eval_tokens: int = 8192
     seed: int = 0
     dtype: str = "bf16"          # evaluation dtype; levels are always built in fp32
+    kl_topk: int | None = None   # KL over the reference's top-K tokens (+ tail); None: full vocabulary
     trust_remote_code: bool = False
 
 
@@ -70,7 +71,7 @@ class Session:
     def evaluator(self, problem: Problem) -> InProcessEvaluator:
         if self._evaluator is None or self._evaluator.problem is not problem:
             self._evaluator = InProcessEvaluator(self.loaded.model, self.db, problem, self.windows,
-                                                 dtype=DTYPES[self.spec.dtype])
+                                                 dtype=DTYPES[self.spec.dtype], kl_topk=self.spec.kl_topk)
         return self._evaluator
 
     def bar(self, **kw):
@@ -120,8 +121,10 @@ class _Progress:
 
 
 def run_method(session: Session, problem: Problem, run: RunDir, method: str, config: dict, seed: int,
-               uniform_tokens: int) -> tuple[int, ...]:
-    """Uniform baselines first (they are the yardstick and evo's warm start), then `method`."""
+               uniform_tokens: int, init: str = "uniform") -> tuple[int, ...]:
+    """Uniform baselines first (they are the yardstick and evo's warm start), then `method`.
+
+    `init` warm-starts evo: "uniform" (the best uniform plan or mix within budget) or a plan file."""
     evaluator = session.evaluator(problem)
     done = {}
     for r in run.results():
@@ -133,7 +136,7 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
         return uniform.best()
     config = dict(config)
     if method == "evo" and config.get("init_x") is None:
-        config["init_x"] = list(uniform.best())
+        config["init_x"] = list(uniform.best() if init == "uniform" else problem.encode(Plan.load(init)))
     searcher = make_searcher(method, problem, config, seed)
     total = _expected_evals(method, config, searcher)
     with _Progress(session, total, method, evaluator, done.get(method, 0)) as pr:
@@ -205,7 +208,3 @@ def pareto(rows: list[Row]) -> list[Row]:
 def base_scores(session: Session, problem: Problem):
     """The unmodified model on the held-out windows (KL 0 by construction; its perplexity)."""
     return session.evaluator(problem).score(None, session.windows.heldout)
-
-
-def plan_vector(problem: Problem, plan: Plan) -> np.ndarray:
-    return problem.encode(plan)

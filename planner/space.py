@@ -75,9 +75,9 @@ def load_space(name_or_path: str) -> SearchSpace:
             raise BadSearchSpace(f"unknown search space {name_or_path!r}: use a YAML file or one of {', '.join(spaces)}")
         path = spaces[name_or_path]
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BadSearchSpace(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise BadSearchSpace(f"{path} is not a readable YAML file ({str(e).splitlines()[0]}): fix the file") from None
     return parse_space(data, default_name=path.stem, where=str(path))
 
 

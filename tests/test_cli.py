@@ -145,9 +145,6 @@ def test_resume_of_a_non_run_dir(tmp_path, data_args):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py:153 creates the run dir before checking that the racing stages "
-                                       "fit the search pool; Windows.draw then raises BadDataset mid-search, leaving "
-                                       "a half-written run dir")
 def test_stage_larger_than_search_pool_is_refused_before_the_run_dir(tmp_path, data_args):
     runs = tmp_path / "runs"
     args = _replace(data_args + SEARCH, "--stages", "2@64,1@1000000")
@@ -155,8 +152,6 @@ def test_stage_larger_than_search_pool_is_refused_before_the_run_dir(tmp_path, d
     assert_no_run_dir(runs)
 
 
-@pytest.mark.xfail(strict=True, reason="data/windows.py:42 divides by seqlen: --seqlen 0 ends in a "
-                                       "ZeroDivisionError traceback instead of one error line")
 def test_seqlen_zero_is_one_error_line(tmp_path, data_args):
     runs = tmp_path / "runs"
     args = _replace(data_args + SEARCH, "--seqlen", "0")
@@ -164,8 +159,6 @@ def test_seqlen_zero_is_one_error_line(tmp_path, data_args):
     assert_no_run_dir(runs)
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py:134 uses `args.generations or DEFAULTS[...]`: an explicit "
-                                       "--generations 0 (valid for EvoConfig) silently becomes the default")
 def test_generations_zero_is_taken_literally(tmp_path, data_args):
     runs = tmp_path / "runs"
     args = _replace(_replace(_replace(data_args + SEARCH, "--generations", "0"), "--offspring", "1"), "--stages", "1@64")

@@ -133,8 +133,6 @@ def test_build_resumes_after_a_crash(tiny_inputs, tmp_path, monkeypatch):
     assert again.units == [u.name for u in units]
 
 
-@pytest.mark.xfail(strict=True, reason="db.py:118 trusts manifest.json alone: a complete DB that lost a unit file is "
-                                       "reused and the evaluator later dies with FileNotFoundError (not a PlannerError)")
 def test_complete_db_missing_a_unit_file_rebuilds_that_unit(tiny_inputs, tmp_path, monkeypatch):
     _, units, _, _, _ = tiny_inputs
     db = _build(tiny_inputs, tmp_path)
@@ -271,9 +269,6 @@ def test_evaluate_reports_failures_instead_of_raising(tiny_sessions, monkeypatch
     assert ev.score(None, s.windows.pool[:2]).kl == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="evaluator.py:198-201 (385ba1a): candidates sharing a fidelity are scored as "
-                                       "one score_many group, and one failing candidate marks every candidate of its "
-                                       "group as failed (the `except` covers the whole group)")
 def test_one_failing_candidate_does_not_fail_its_siblings(tiny_sessions, monkeypatch):
     s = tiny_sessions("fp32")
     p = _problem(s)

@@ -111,8 +111,6 @@ def test_a_directory_is_not_a_space(tmp_path):
         load_space(str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="space.py:78 reads the file with read_text(), whose UnicodeDecodeError "
-                                       "(a ValueError, not yaml.YAMLError) escapes as a traceback")
 def test_binary_file_is_bad_search_space(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_bytes(b"\xff\xfe\x00levels\x80\x81")

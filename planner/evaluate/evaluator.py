@@ -194,9 +194,17 @@ class InProcessEvaluator:
         for i, c in enumerate(candidates):
             groups.setdefault((c.fidelity.tokens, c.fidelity.seed), []).append(i)
         for (tokens, seed), members in groups.items():
+            windows = self.windows.draw(tokens, seed)
             try:
-                scores = self.score_many([candidates[i].x for i in members], self.windows.draw(tokens, seed))
+                scores = self.score_many([candidates[i].x for i in members], windows)
                 results.update({i: Result(candidates[i], kl=s.kl, ppl=s.ppl) for i, s in zip(members, scores, strict=True)})
-            except (RuntimeError, ValueError) as e:  # e.g. out of memory: the searcher decides
-                results.update({i: Result(candidates[i], error=f"{type(e).__name__}: {e}") for i in members})
+            except (RuntimeError, ValueError):  # one bad plan must not fail its siblings: retry one by one
+                results.update({i: self._evaluate_one(candidates[i], windows) for i in members})
         return [results[i] for i in range(len(candidates))]
+
+    def _evaluate_one(self, c: Candidate, windows: np.ndarray) -> Result:
+        try:
+            s = self.score(self.problem.decode(c.x), windows)
+            return Result(c, kl=s.kl, ppl=s.ppl)
+        except (RuntimeError, ValueError) as e:  # e.g. out of memory: the searcher decides
+            return Result(c, error=f"{type(e).__name__}: {e}")

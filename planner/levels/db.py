@@ -116,7 +116,9 @@ def build_levels(model: nn.Module, units: list[Unit], space: SearchSpace, calib_
     """Build (or reuse, or finish) the levels DB of `units` under `space`, calibrated on `calib_ids`."""
     path = (root or cache_root() / "levels") / levels_key(model_fingerprint, calib_ids, space)
     if (path / "manifest.json").is_file():
-        return LevelsDB(path)
+        if all((path / "units" / f"{u.name}.safetensors").is_file() for u in units):
+            return LevelsDB(path)
+        (path / "manifest.json").unlink()   # a unit file was lost: rebuild just the missing ones
     (path / "units").mkdir(parents=True, exist_ok=True)
     todo = [u for u in units if not (path / "units" / f"{u.name}.safetensors").is_file()]
     needs_h = any(s.method is Method.GPTQ for s in space.levels) and todo

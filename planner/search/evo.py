@@ -41,6 +41,16 @@ class EvoConfig:
             raise PlannerError(f"evo: stages must be non-empty (survivors, tokens) pairs >= 1, got {self.stages}")
 
 
+# Racing schedules by name (EvoConfig fields). `paper`: EvoPress's quantization defaults;
+# `fast`: its "super-fast" variant; `cpu`: sized so the default run (levels build included)
+# fits in 15 minutes on a 2-core CPU with the 135M default model.
+SCHEDULES: dict[str, dict] = {
+    "paper": {"generations": 150, "offspring": 128, "stages": ((16, 2048), (4, 16384), (1, 131072))},
+    "fast": {"generations": 150, "offspring": 16, "stages": ((1, 512), (1, 8192))},
+    "cpu": {"generations": 30, "offspring": 16, "stages": ((4, 512), (1, 2048))},
+}
+
+
 def _fit(r: Result) -> float:
     """Racing fitness: failed evaluations rank last."""
     return r.kl if r.ok else math.inf
