@@ -35,6 +35,7 @@ class Problem:
     budget: Budget
     kinds: tuple[str, ...] = ()       # per unit kind ("q_proj", ...): lets operators restrict swaps
     blocks: tuple[int, ...] = ()      # per unit decoder-block index (for reports and position rules)
+    ties: tuple[str, ...] = ()        # per unit tie-group id: units sharing a non-empty id take one level id
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,6 +53,15 @@ class Problem:
     @property
     def total_numel(self) -> int:
         return int(self.numel.sum())
+
+    def tie_groups(self) -> list[np.ndarray]:
+        """Unit indices that must share one level id (fused q/k/v, gate/up), one array per group of
+        two or more units; empty when the problem has no ties (the default)."""
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(self.ties):
+            if t:
+                groups.setdefault(t, []).append(i)
+        return [np.array(g) for g in groups.values() if len(g) > 1]
 
     # --- encoding ----------------------------------------------------------------------
     def encode(self, plan: Plan) -> np.ndarray:

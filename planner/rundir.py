@@ -75,7 +75,7 @@ def problem_to_json(p: Problem) -> dict:
     return {"units": list(p.units), "numel": p.numel.tolist(), "levels": [list(lv) for lv in p.levels],
             "code_bits": _nan_to_none(p.code_bits), "stored_bits": _nan_to_none(p.stored_bits),
             "budget": {"value": p.budget.value, "metric": p.budget.metric.value}, "kinds": list(p.kinds),
-            "blocks": list(p.blocks)}
+            "blocks": list(p.blocks), **({"ties": list(p.ties)} if p.ties else {})}
 
 
 def problem_from_json(d: dict) -> Problem:
@@ -85,7 +85,7 @@ def problem_from_json(d: dict) -> Problem:
                    levels=tuple(tuple(lv) for lv in d["levels"]), code_bits=arr(d["code_bits"]),
                    stored_bits=arr(d["stored_bits"]),
                    budget=Budget(d["budget"]["value"], Metric(d["budget"]["metric"])), kinds=tuple(d.get("kinds", ())),
-                   blocks=tuple(d.get("blocks", ())))
+                   blocks=tuple(d.get("blocks", ())), ties=tuple(d.get("ties", ())))
 
 
 class RunDir:

@@ -33,6 +33,7 @@ class Candidate:
     generation: int = 0
     stage: int = 0
     label: str = ""                # human label for reports ("uniform 2", "mix 1/2 by-block-asc", "parent")
+    predicted: float | None = None  # a proxy searcher's predicted damage; journaled as Row.extra["predicted"]
 
 
 @dataclass(frozen=True)
