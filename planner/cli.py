@@ -30,14 +30,24 @@ then:         planner eval runs/<name>/best_plan.json   (KL and perplexity on he
 """
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _model_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help=f"{DEFAULT_MODEL!r} (default, embedded), a local folder, a .gguf file, or a hub id")
     g.add_argument("--dataset", default=None, help="'builtin' (default; Python's pydoc topics, no download), a .txt/.jsonl/.parquet file, or wikitext2/c4/fineweb-edu (network)")
     g.add_argument("--text-field", default=None, help="field holding the text in .jsonl/.parquet files (default: text)")
-    g.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512)")
-    g.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens for GPTQ Hessians (default 8192)")
-    g.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens for final evaluation (default 8192)")
+    g.add_argument("--seqlen", type=_positive, default=None, help="tokens per window (default 512)")
+    g.add_argument("--calib-tokens", type=_positive, default=None, help="calibration tokens for GPTQ Hessians (default 8192)")
+    g.add_argument("--eval-tokens", type=_positive, default=None, help="held-out tokens for final evaluation (default 8192)")
     g.add_argument("--seed", type=int, default=None, help="seed for window split and search (default 0)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="evaluation dtype (default bf16: 3-4x faster on CPU)")
     g.add_argument("--trust-remote-code", action="store_true", default=None, help="allow model code from the hub (off by default)")
@@ -45,12 +55,19 @@ def _model_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: all cores)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise PlannerError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="planner", description=DESCRIPTION,
+    parser = _Parser(prog="planner", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -58,10 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build levels (cached), measure uniform baselines, search, and compare on held-out text.")
     s.add_argument("--budget", help="3.0bits (code bits per weight), 3.25bpw (stored bits incl. scales), or a size like 45MB")
     s.add_argument("--method", default=None, help="evo (default) or uniform")
-    s.add_argument("--generations", type=int, default=None, help="evo generations (default 30)")
-    s.add_argument("--offspring", type=int, default=None, help="evo offspring per generation (default 16)")
-    s.add_argument("--stages", default=None, help="evo racing stages as survivors@tokens,... (default 4@512,1@2048)")
-    s.add_argument("--uniform-tokens", type=int, default=None, help="tokens per uniform-baseline measurement (default 2048)")
+    s.add_argument("--schedule", default=None, help="evo racing schedule: cpu (default: 30 generations, 16 offspring, "
+                   "4@512,1@2048), fast (EvoPress super-fast), paper (EvoPress defaults; needs --kl-topk and much text)")
+    s.add_argument("--generations", type=int, default=None, help="evo generations (overrides the schedule)")
+    s.add_argument("--offspring", type=int, default=None, help="evo offspring per generation (overrides the schedule)")
+    s.add_argument("--stages", default=None, help="evo racing stages as survivors@tokens,... (overrides the schedule)")
+    s.add_argument("--same-size-only", action="store_true", help="evo swaps bits only between units of one size (EvoPress's default)")
+    s.add_argument("--evo-config", default=None, help="a JSON/YAML file of evo settings (generations, offspring, stages, max_switches, ...)")
+    s.add_argument("--init", default=None, help="evo warm start: uniform (default: the best uniform plan/mix) or a plan JSON file")
+    s.add_argument("--kl-topk", type=_positive, default=None, help="measure KL over the reference's top-K tokens (+ tail); default: full vocabulary")
+    s.add_argument("--uniform-tokens", type=_positive, default=None, help="tokens per uniform-baseline measurement (default 2048)")
     s.add_argument("--name", default=None, help="run name (default: a timestamp); the run dir is RUNS_DIR/NAME")
     s.add_argument("--runs-dir", default="runs", help="where run dirs go (default ./runs)")
     s.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run dir with its own config")
@@ -95,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DEFAULTS = {"method": "evo", "generations": 30, "offspring": 16, "stages": "4@512,1@2048", "uniform_tokens": 2048,
-            "space": "gptq-g128"}
+DEFAULTS = {"method": "evo", "schedule": "cpu", "uniform_tokens": 2048, "space": "gptq-g128", "init": "uniform"}
 
 
 def _parse_stages(text: str) -> list[list[int]]:
@@ -105,6 +127,34 @@ def _parse_stages(text: str) -> list[list[int]]:
         return [[int(s), int(t)] for s, t in pairs]
     except ValueError:
         raise PlannerError(f"malformed --stages {text!r}: use survivors@tokens pairs, e.g. 4@512,1@2048") from None
+
+
+def _evo_config(args) -> dict:
+    """Schedule table < --evo-config file < explicit flags."""
+    from planner.search.evo import SCHEDULES
+
+    name = args.schedule or DEFAULTS["schedule"]
+    if name not in SCHEDULES:
+        raise PlannerError(f"unknown --schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+    config = {k: [list(s) for s in v] if k == "stages" else v for k, v in SCHEDULES[name].items()}
+    if args.evo_config:
+        import yaml
+
+        try:
+            extra = yaml.safe_load(Path(args.evo_config).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise PlannerError(f"cannot read --evo-config {args.evo_config!r} ({str(e).splitlines()[0]}): pass a JSON/YAML mapping") from None
+        if not isinstance(extra, dict):
+            raise PlannerError(f"--evo-config {args.evo_config!r} must hold a mapping of evo settings")
+        config.update(extra)
+    for key, value in (("generations", args.generations), ("offspring", args.offspring)):
+        if value is not None:
+            config[key] = value
+    if args.stages:
+        config["stages"] = _parse_stages(args.stages)
+    if args.same_size_only:
+        config["same_size_only"] = True
+    return config
 
 
 def _model_data(args, base: dict | None = None):
@@ -141,17 +191,20 @@ def cmd_search(args) -> int:
         method = args.method or DEFAULTS["method"]
         from planner.search import make_config
 
-        evo = {"generations": args.generations or DEFAULTS["generations"], "offspring": args.offspring or DEFAULTS["offspring"],
-               "stages": _parse_stages(args.stages or DEFAULTS["stages"])}
-        method_config = evo if method == "evo" else {}
+        method_config = _evo_config(args) if method == "evo" else {}
         make_config(method, method_config)           # validate before any expensive work
+        if args.init and args.init != "uniform":
+            from planner.plan import Plan
+
+            Plan.load(args.init)
         md = _model_data(args)
         name = args.name or datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(args.runs_dir) / name
         if path.exists():
             raise BadRunDir(f"run dir {str(path)!r} already exists: pick another --name, or --resume it")
         cfg = {"budget": args.budget, "method": method, "method_config": method_config,
-               "space": args.space or DEFAULTS["space"], "uniform_tokens": args.uniform_tokens or DEFAULTS["uniform_tokens"],
+               "space": args.space or DEFAULTS["space"], "uniform_tokens": args.uniform_tokens if args.uniform_tokens is not None else DEFAULTS["uniform_tokens"],
+               "init": args.init or DEFAULTS["init"],
                "model_data": dataclasses.asdict(md)}
     space = load_space(cfg["space"])
     budget = parse_budget(cfg["budget"])
@@ -159,11 +212,14 @@ def cmd_search(args) -> int:
     t0 = time.perf_counter()
     session = prepare(md, space, quiet=args.quiet)
     problem = session.problem(budget)                 # infeasible budget: error before the run dir exists
+    stages = cfg["method_config"].get("stages", [])
+    session.windows.draw(max([cfg["uniform_tokens"], *(t for _, t in stages)]), 0)  # fits the search pool?
     if not args.resume:
         run = RunDir.create(path, cfg)
         run.save_problem(problem)
     seed = md.seed
-    best = run_method(session, problem, run, cfg["method"], cfg["method_config"], seed, cfg["uniform_tokens"])
+    best = run_method(session, problem, run, cfg["method"], cfg["method_config"], seed, cfg["uniform_tokens"],
+                      init=cfg.get("init", "uniform"))
     rows = finish(session, problem, run, best, cfg["method"])
     base = base_scores(session, problem)
     print(summary_table(rows, base, problem, session, run, time.perf_counter() - t0))
@@ -245,7 +301,11 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except PlannerError as e:
+        print(f"planner: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if getattr(args, "quiet", False):
         os.environ.setdefault("TQDM_DISABLE", "1")
