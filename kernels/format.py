@@ -1,4 +1,4 @@
-"""The runtime packing format of group-wise quantized weights (2, 3, 4 and 8 bits).
+"""The runtime packing format of group-wise quantized weights (2, 3, 4 and 8 bits; any of 1..8 works).
 
 A weight ``W[N, K]`` (out_features x in_features) is cut along the input dim K into groups of
 ``group_size`` columns; the last group may be shorter (ragged). Each (row, group) has a scale
@@ -16,7 +16,8 @@ Code packing. Each row is a little-endian bitstream: code k occupies bits [k*bit
 bit j of the stream is bit (j % 32) of word j // 32. The row is padded with zero codes to a
 multiple of 32 codes, so 32 codes always fill exactly ``bits`` words. For 2, 4 and 8 bits no code
 crosses a word (16, 8, 4 codes per word). For 3 bits, 32 codes share 3 words and codes 10 and 21
-of each block straddle two words (bits 30-32 and 63-65 of the 96-bit block).
+of each block straddle two words (bits 30-32 and 63-65 of the 96-bit block); 5, 6 and 7 bits
+(levels the planner also builds) follow the same rule with more straddling codes.
 
 Exact bytes of one packed weight (no hidden padding besides the 32-code row padding):
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 CODES_PER_BLOCK = 32  # one block of 32 codes fills exactly `bits` int32 words
 
 
@@ -85,12 +86,12 @@ def unpack_words(words: torch.Tensor, bits: int, in_features: int) -> torch.Tens
     """Inverse of `pack_words`: uint8 codes [N, in_features]."""
     N = words.shape[0]
     nblk = words.shape[1] // bits
-    if bits in (2, 4, 8):
+    if 32 % bits == 0:   # 1, 2, 4, 8 bits: no code crosses a word
         per = 32 // bits
         shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
         c = (words[..., None] >> shifts) & (2**bits - 1)   # arithmetic shift is fine: the mask drops sign bits
         return c.view(N, nblk * bits * per)[:, :in_features].to(torch.uint8)
-    # 3 bits: read each code from the two bytes that hold it
+    # 3, 5, 6, 7 bits: read each code from the two bytes that hold it (offset + bits <= 15)
     b = words.contiguous().view(torch.uint8).view(N, nblk, 4 * bits).to(torch.int32)
     pos = torch.arange(CODES_PER_BLOCK, device=words.device) * bits
     lo, off = pos // 8, (pos % 8).to(torch.int32)

@@ -12,7 +12,7 @@ Two kernels share one dequantization routine:
 
 Dequantization is ``(q - z) * s`` in fp32, rounded once to the activation dtype: the same numbers as
 `kernels.reference.dequantize`. 3-bit codes that straddle two words (codes 10 and 21 of each 32)
-are read from both words.
+are read from both words (so are the straddling codes of 5, 6 and 7 bits).
 
 Autotuning keeps one config per kernel under ``TRITON_INTERPRET=1`` (the interpreter runs on CPU
 tensors and is for correctness only; benchmarking configs there would cost minutes).
@@ -43,7 +43,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_k, offs_n, N, K, W, G,
     row = offs_n[None, :].to(tl.int64) * W
     lo = tl.load(qw_ptr + row + word[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
     v = lo >> off
-    if BITS == 3:
+    if 32 % BITS != 0:   # 3/5/6/7 bits: some codes straddle two words
         hi_mask = mask & (word[:, None] + 1 < W)
         hi = tl.load(qw_ptr + row + word[:, None] + 1, mask=hi_mask, other=0).to(tl.uint32, bitcast=True)
         v = v | ((hi << 1) << (31 - off))          # hi << (32 - off) without a 32-bit shift when off == 0

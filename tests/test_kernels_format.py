@@ -21,7 +21,7 @@ def rand_packed(N: int, K: int, bits: int, gs: int, symmetric: bool, seed: int =
     return pack(codes, scales, zeros, bits, gs)
 
 
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("K", [1, 31, 32, 33, 100, 576])
 def test_words_round_trip(bits, K):
     codes = torch.randint(0, 2**bits, (3, K), generator=torch.Generator().manual_seed(K))
@@ -65,7 +65,7 @@ def test_pack_rejects_bad_inputs():
     with pytest.raises(ValueError):
         pack(torch.zeros(2, 8), torch.ones(2, 1).half(), torch.full((2, 1), 1.5), 2, 8)  # fractional zero
     with pytest.raises(ValueError):
-        pack_words(torch.zeros(2, 8), 5)
+        pack_words(torch.zeros(2, 8), 9)
 
 
 def test_reference_dequantize_is_scale_times_code_minus_zero():

@@ -40,7 +40,7 @@ def test_gemv_and_gemm_match_reference(bits, symmetric):
             _check(triton_wq.wq_matmul(x, pw), x, pw)
 
 
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [3, 4, 5, 6])
 def test_fp32_and_batched_input(bits):
     pw = rand_packed(33, 70, bits, 32, False, seed=7).to(DEV)
     x = torch.randn(2, 5, 70, generator=torch.Generator().manual_seed(0)).to(DEV)
