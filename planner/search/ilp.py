@@ -1,0 +1,195 @@
+"""Exact allocation: the multiple-choice knapsack over predicted damage, solved with HiGHS.
+
+Each unit takes one level; the total predicted damage is minimized under the problem's budget in
+its additive currency (`Problem.unit_cost(metric)` summed <= `Problem.budget_total()`). Units of
+one tie group (fused q/k/v, gate/up; `Problem.ties`) are one *item* whose options are the level
+ids all members share, costs and damages summed, so they always get one level.
+
+Damage arrives as data (never a model): `damage[u][l]` is the predicted loss of unit u at ladder
+index l, one row per unit with one entry per level (ragged ladders: shorter rows). Without it a
+prior stands in: every unit equally sensitive, squared error ~ numel * 4^-bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from planner.errors import PlannerError
+from planner.problem import Problem
+from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
+
+Damage = tuple[tuple[float, ...], ...]
+_REL_TOL = 1e-12                       # Problem.feasible's tolerance
+_SEED_PATH = 0x11B                     # proxy searchers' data-seed path (one fixed batch)
+
+
+def damage_table(problem: Problem, damage: Damage | None) -> np.ndarray:
+    """[U, L] predicted damage (nan past each ladder's end); the prior when `damage` is None."""
+    if damage is None:
+        return problem.numel[:, None] * 4.0 ** (-problem.code_bits / problem.numel[:, None])
+    if len(damage) != problem.n_units:
+        raise PlannerError(f"damage has {len(damage)} rows, the problem has {problem.n_units} units")
+    out = np.full(problem.code_bits.shape, np.nan)
+    for u, row in enumerate(damage):
+        if len(row) != problem.n_levels[u] or not np.all(np.isfinite(row)):
+            raise PlannerError(f"damage row {u} ({problem.units[u]}) needs {problem.n_levels[u]} finite values, "
+                               f"got {list(row)}")
+        out[u, :len(row)] = row
+    return out
+
+
+@dataclass(frozen=True)
+class Items:
+    """The problem as a multiple-choice knapsack: one item per tie group or untied unit."""
+
+    members: tuple[np.ndarray, ...]     # unit indices of each item
+    choice: tuple[np.ndarray, ...]      # per item [options, members]: ladder index of each member
+    cost: np.ndarray                    # [I, O] summed cost in the budget's currency (inf pad)
+    damage: np.ndarray                  # [I, O] summed predicted damage (inf pad)
+
+    def to_x(self, options, n_units: int) -> np.ndarray:
+        x = np.zeros(n_units, dtype=np.int64)
+        for i, o in enumerate(options):
+            x[self.members[i]] = self.choice[i][int(o)]
+        return x
+
+    def options_of(self, x) -> np.ndarray:
+        """Option index per item of a plan that respects the ties (PlannerError otherwise)."""
+        x = np.asarray(x)
+        out = np.empty(len(self.members), dtype=np.int64)
+        for i, (m, ch) in enumerate(zip(self.members, self.choice, strict=True)):
+            hit = np.flatnonzero((ch == x[m]).all(axis=1))
+            if hit.size == 0:
+                raise PlannerError(f"plan splits tie group of units {m.tolist()}: tied units take one level")
+            out[i] = hit[0]
+        return out
+
+    def damage_of(self, options) -> float:
+        return float(self.damage[np.arange(len(options)), np.asarray(options)].sum())
+
+    def spend_of(self, options) -> float:
+        return float(self.cost[np.arange(len(options)), np.asarray(options)].sum())
+
+
+def make_items(problem: Problem, table: np.ndarray) -> Items:
+    """Items of `problem` with damages from `table` ([U, L], see `damage_table`)."""
+    cost = problem.unit_cost(problem.budget.metric)
+    tied = problem.tie_groups()
+    grouped = {int(u) for g in tied for u in g}
+    groups = tied + [np.array([u]) for u in range(problem.n_units) if u not in grouped]
+    groups.sort(key=lambda g: int(g.min()))
+    members, choice, rows_c, rows_d = [], [], [], []
+    for g in groups:
+        shared = [lv for lv in problem.levels[g[0]] if all(lv in problem.levels[u] for u in g)]
+        if not shared:
+            raise PlannerError(f"tied units {[problem.units[u] for u in g]} share no level id")
+        ch = np.array([[problem.levels[u].index(lv) for u in g] for lv in shared], dtype=np.int64)
+        c = cost[g, ch].sum(axis=1)
+        order = np.lexsort((np.arange(len(c)), c))          # cheapest first, stable
+        members.append(g)
+        choice.append(ch[order])
+        rows_c.append(c[order])
+        rows_d.append(table[g, ch[order]].sum(axis=1))
+    width = max(len(r) for r in rows_c)
+    pad = [np.full(width, np.inf) for _ in rows_c]
+    C, D = np.array(pad), np.array(pad)
+    for i, (c, d) in enumerate(zip(rows_c, rows_d, strict=True)):
+        C[i, :len(c)], D[i, :len(d)] = c, d
+    return Items(tuple(members), tuple(choice), C, D)
+
+
+def solve_mckp(items: Items, limit: float) -> np.ndarray | None:
+    """Option per item minimizing total damage with total cost <= limit (None: infeasible).
+
+    HiGHS with a zero relative gap; the rounded solution is re-checked in exact arithmetic and the
+    budget row tightened if HiGHS's feasibility tolerance let it overshoot.
+    """
+    valid = np.isfinite(items.cost)
+    item, opt = np.nonzero(valid)
+    if item.size == 0:
+        return None
+    d = items.damage[item, opt] - np.nanmin(np.where(valid, items.damage, np.inf), axis=1)[item]
+    d = d / max(float(np.abs(d).max()), 1e-300)          # scale: the objective is O(1)
+    scale = max(abs(limit), 1e-300)
+    a = items.cost[item, opt] / scale
+    one = csr_array((np.ones(len(item)), (item, np.arange(len(item)))), shape=(len(items.members), len(item)))
+    rhs = limit / scale
+    for _ in range(8):
+        res = milp(d, integrality=np.ones(len(item)), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(one, 1, 1), LinearConstraint(a[None, :], -np.inf, rhs)],
+                   options={"mip_rel_gap": 0.0})
+        if res.x is None:
+            return None
+        chosen = np.zeros(len(items.members), dtype=np.int64)
+        picked = np.flatnonzero(res.x > 0.5)
+        chosen[item[picked]] = opt[picked]
+        over = items.spend_of(chosen) - limit * (1 + _REL_TOL)
+        if over <= 0:
+            return chosen
+        rhs -= 2 * over / scale                              # overshoot by tolerance: tighten, solve again
+    return None
+
+
+def exact_plan(problem: Problem, table: np.ndarray) -> np.ndarray:
+    """The predicted-damage-optimal plan within the budget (ties respected)."""
+    items = make_items(problem, table)
+    opts = solve_mckp(items, problem.budget_total())
+    if opts is None:
+        raise PlannerError(f"no plan meets the budget {problem.budget}")
+    return items.to_x(opts, problem.n_units)
+
+
+@dataclass(frozen=True)
+class IlpConfig:
+    damage: Damage | None = None     # [unit][level] predicted damage; None: the 4^-bits prior
+    score: str = "prior"             # what produced `damage` (a label for reports)
+    tokens: int = 2048               # tokens the plan is measured on
+
+    def __post_init__(self) -> None:
+        if self.tokens <= 0:
+            raise PlannerError(f"ilp: tokens must be positive, got {self.tokens}")
+
+
+@register("ilp", IlpConfig)
+class IlpSearcher:
+    """The exact predicted-damage-optimal plan at the budget (one knapsack solve), measured once."""
+
+    method = "ilp"
+
+    def __init__(self, problem: Problem, config: IlpConfig, seed: int):
+        self.problem, self.config = problem, config
+        table = damage_table(problem, config.damage)
+        self.x = tuple(int(v) for v in exact_plan(problem, table))
+        self.predicted = float(np.nansum(table[np.arange(problem.n_units), self.x]))
+        self._seed(seed)
+        self.result: float | None = None
+
+    def _seed(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.fidelity = Fidelity(self.config.tokens, derive_seed(seed, _SEED_PATH))
+
+    def ask(self) -> list[Candidate]:
+        if self.done():
+            return []
+        return [Candidate(self.x, self.fidelity, method=self.method, label=f"ilp {self.config.score}",
+                          predicted=self.predicted)]
+
+    def tell(self, results: list[Result]) -> None:
+        self.result = next((r.kl if r.ok else float("inf") for r in results), float("inf"))
+
+    def done(self) -> bool:
+        return self.result is not None
+
+    def best(self) -> tuple[int, ...] | None:
+        return self.x
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "result": self.result}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._seed(state["seed"])
+        self.result = None if state["result"] is None else float(state["result"])

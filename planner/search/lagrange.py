@@ -1,0 +1,152 @@
+"""Lagrangian relaxation of the knapsack: for a multiplier lam every item independently takes
+argmin(damage + lam * cost), and the spend falls as lam grows. Bisection on lam finds, for any
+budget, the plan of the lower convex hull of (cost, predicted damage) that spends the most
+without exceeding it: proxy-optimal for the spend it reaches. The same hull, walked one item step
+at a time in order of damage added per cost saved, is the ranked path that the accuracy-target
+bisection (`search/bisect.py`) searches.
+
+The `lagrange` searcher sweeps budgets from the cheapest plan up to the problem's budget and has
+every hull plan measured for real, so the journal holds predicted and measured damage side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.errors import PlannerError
+from planner.problem import Problem
+from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
+from planner.search.ilp import _SEED_PATH, Damage, Items, damage_table, make_items
+
+_REL_TOL = 1e-12
+
+
+def relaxed_options(items: Items, lam: float) -> np.ndarray:
+    """Per item, argmin of damage + lam * cost (options are cheapest first: exact ties go cheap)."""
+    with np.errstate(invalid="ignore"):
+        obj = np.where(np.isfinite(items.cost), items.damage + lam * items.cost, np.inf)
+    return np.argmin(obj, axis=1)
+
+
+def bisect_multiplier(items: Items, limit: float, iters: int = 200) -> np.ndarray | None:
+    """Hull plan with the largest spend <= limit (None when even the cheapest plan exceeds it)."""
+    ok = limit * (1 + _REL_TOL)
+    lo_opts = relaxed_options(items, 0.0)
+    if items.spend_of(lo_opts) <= ok:
+        return lo_opts
+    finite = np.isfinite(items.cost)
+    d_scale = float(np.abs(items.damage[finite]).max()) or 1.0
+    c_scale = float(np.abs(items.cost[finite]).max()) or 1.0
+    lo, hi = 0.0, d_scale / c_scale
+    for _ in range(1100):                      # double until the relaxed plan fits (or give up)
+        if items.spend_of(relaxed_options(items, hi)) <= ok:
+            break
+        lo, hi = hi, 2 * hi
+    else:
+        return None
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        if items.spend_of(relaxed_options(items, mid)) <= ok:
+            hi = mid
+        else:
+            lo = mid
+    return relaxed_options(items, hi)
+
+
+def hull_path(items: Items, start) -> list[tuple[int, int]]:
+    """Steps (item, option) from `start` down to the cheapest plan along each item's lower convex
+    hull, merged in order of damage added per cost saved; plan k applies the first k steps.
+
+    Predicted damage rises and cost falls along the path, so a target can be bisected on it."""
+    steps: list[tuple[float, int, int, int]] = []
+    for i, cur in enumerate(int(s) for s in start):
+        c, d = items.cost[i], items.damage[i]
+        n = 0
+        while True:
+            cheaper = np.flatnonzero(np.isfinite(c) & (c < c[cur]))
+            if cheaper.size == 0:
+                break
+            slope = (d[cheaper] - d[cur]) / (c[cur] - c[cheaper])
+            best = slope.min()
+            pick = cheaper[slope <= best + 1e-12 * abs(best)]
+            nxt = int(pick[np.argmax(c[pick])])              # equal slope: the smallest step first
+            steps.append((float(best), i, n, nxt))
+            cur, n = nxt, n + 1
+    steps.sort(key=lambda s: (s[0], s[1], s[2]))
+    return [(i, o) for _, i, _, o in steps]
+
+
+@dataclass(frozen=True)
+class LagrangeConfig:
+    damage: Damage | None = None     # [unit][level] predicted damage; None: the 4^-bits prior
+    score: str = "prior"             # what produced `damage` (a label for reports)
+    points: int = 6                  # budgets swept: evenly from the cheapest plan to the budget
+    tokens: int = 2048               # tokens each plan is measured on
+
+    def __post_init__(self) -> None:
+        if self.points < 1 or self.tokens <= 0:
+            raise PlannerError(f"lagrange: points >= 1 and tokens > 0 are required, got {self.points}, {self.tokens}")
+
+
+@register("lagrange", LagrangeConfig)
+class LagrangeSearcher:
+    """Lagrangian sweep: the hull plan for each of several budgets, all measured in one batch."""
+
+    method = "lagrange"
+
+    def __init__(self, problem: Problem, config: LagrangeConfig, seed: int):
+        self.problem, self.config = problem, config
+        self.plans = self._sweep(make_items(problem, damage_table(problem, config.damage)))
+        self._seed(seed)
+        self.results: list[float] | None = None
+
+    def _sweep(self, items: Items) -> list[tuple[tuple[int, ...], float, str]]:
+        limit = self.problem.budget_total()
+        cheapest = float(np.nanmin(items.cost, axis=1).sum())
+        out, seen = [], set()
+        for k in range(1, self.config.points + 1):
+            target = cheapest + (limit - cheapest) * k / self.config.points
+            opts = bisect_multiplier(items, min(target, limit))
+            if opts is None:
+                continue
+            x = tuple(int(v) for v in items.to_x(opts, self.problem.n_units))
+            if x not in seen:
+                seen.add(x)
+                out.append((x, items.damage_of(opts), f"lagrange {self.config.score} {k}/{self.config.points}"))
+        return out
+
+    def _seed(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.fidelity = Fidelity(self.config.tokens, derive_seed(seed, _SEED_PATH))
+
+    def ask(self) -> list[Candidate]:
+        if self.done():
+            return []
+        return [Candidate(x, self.fidelity, method=self.method, label=label, predicted=pred)
+                for x, pred, label in self.plans]
+
+    def tell(self, results: list[Result]) -> None:
+        kl = {tuple(r.candidate.x): (r.kl if r.ok else math.inf) for r in results}
+        self.results = [kl.get(x, math.inf) for x, _, _ in self.plans]
+
+    def done(self) -> bool:
+        return self.results is not None or not self.plans
+
+    def best(self) -> tuple[int, ...] | None:
+        if not self.plans:
+            return None
+        if self.results is None or not any(math.isfinite(v) for v in self.results):
+            return self.plans[-1][0]                       # unmeasured: the plan nearest the budget
+        return self.plans[int(np.argmin(self.results))][0]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "results": self.results}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._seed(state["seed"])
+        self.results = None if state["results"] is None else [float(v) for v in state["results"]]
