@@ -20,9 +20,10 @@ Three forms, chosen per weight by `prepare_cpu` (see `CpuKind`):
 - UNPACK (2 and 3 bits, and any weight the torch ops do not take): the runtime format itself,
   dequantized on every call, then a dense matmul.
 
-Torch's int4/int8 ops are fast for a few rows (decode) and slow for many (prefill: ~4x slower than
-a bf16 matmul at 512 rows, measured); from `DEQUANT_MIN_ROWS` rows on, every form dequantizes
-the whole weight into a temporary and runs one dense matmul.
+Torch's int4/int8 ops are fast for a few rows (decode) and slow for many (int4 at 512 rows: 2.8x a
+bf16 matmul, measured on 1536x576 with one thread); beyond `INT4_OP_MAX_ROWS` / `INT8_OP_MAX_ROWS`
+rows (the measured crossovers) every form dequantizes the whole weight into a temporary and runs
+one dense matmul.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels.format import PackedWeight, pack
+from kernels.format import PackedWeight, pack, unpack_words
 
-DEQUANT_MIN_ROWS = 32
+INT4_OP_MAX_ROWS = 96
+INT8_OP_MAX_ROWS = 12
 INT4_GROUP_SIZES = (256, 128, 64, 32)
 
 
@@ -49,7 +51,7 @@ def _group_dequant(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
                    dtype: torch.dtype) -> torch.Tensor:
     """scale * (q - z) per group, in fp32 in place, then one cast; no [N, K] scale/zero expansion."""
     N, K = codes.shape
-    w = codes.to(torch.float32)
+    w = codes if codes.dtype == torch.float32 and codes.is_contiguous() else codes.to(torch.float32).contiguous()
     s, z = scales.float(), zeros.float()
     full = K // group_size
     if full:
@@ -70,7 +72,8 @@ class UnpackWeight:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         p = self.packed
-        return _group_dequant(p.codes(), p.scales, p.zero_points(), p.group_size, dtype)
+        codes = unpack_words(p.qweight, p.bits, p.in_features, torch.float32)
+        return _group_dequant(codes, p.scales, p.zero_points(), p.group_size, dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype))
@@ -144,7 +147,7 @@ class Int4Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)
-        if x2.shape[0] >= DEQUANT_MIN_ROWS or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if x2.shape[0] > INT4_OP_MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return F.linear(x, self.dequantize(x.dtype))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.qgs,
                                                         self.scales_and_zeros(x.dtype))
@@ -194,7 +197,7 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)
-        if x2.shape[0] >= DEQUANT_MIN_ROWS or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if x2.shape[0] > INT8_OP_MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return F.linear(x, self.dequantize(x.dtype))
         s, zc = self._scales(x.dtype)
         parts = x2.split(self.group_size, dim=1)
@@ -242,5 +245,5 @@ def cpu_matmul(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
     return w.matmul(x)
 
 
-__all__ = ["CpuKind", "CpuWeight", "DEQUANT_MIN_ROWS", "Int4Weight", "Int8Weight", "UnpackWeight", "cpu_matmul",
+__all__ = ["CpuKind", "CpuWeight", "INT4_OP_MAX_ROWS", "INT8_OP_MAX_ROWS", "Int4Weight", "Int8Weight", "UnpackWeight", "cpu_matmul",
            "int4_group_size", "int8_applies", "prepare_cpu"]

@@ -82,22 +82,28 @@ def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.view(N, nblk * bits).to(torch.int32)
 
 
-def unpack_words(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of `pack_words`: uint8 codes [N, in_features]."""
+def unpack_words(words: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of `pack_words`: codes [N, in_features] in ``dtype`` (float32 saves a pass when dequantizing)."""
     N = words.shape[0]
     nblk = words.shape[1] // bits
+    mask = 2**bits - 1
     if 32 % bits == 0:   # 1, 2, 4, 8 bits: no code crosses a word
-        per = 32 // bits
         shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
-        c = (words[..., None] >> shifts) & (2**bits - 1)   # arithmetic shift is fine: the mask drops sign bits
-        return c.view(N, nblk * bits * per)[:, :in_features].to(torch.uint8)
-    # 3, 5, 6, 7 bits: read each code from the two bytes that hold it (offset + bits <= 15)
-    b = words.contiguous().view(torch.uint8).view(N, nblk, 4 * bits).to(torch.int32)
-    pos = torch.arange(CODES_PER_BLOCK, device=words.device) * bits
-    lo, off = pos // 8, (pos % 8).to(torch.int32)
-    hi = (lo + 1).clamp(max=4 * bits - 1)
-    c = ((b[..., lo] | (b[..., hi] << 8)) >> off) & (2**bits - 1)
-    return c.view(N, nblk * CODES_PER_BLOCK)[:, :in_features].to(torch.uint8)
+        c = (words[..., None] >> shifts) & mask   # arithmetic shift is fine: the mask drops sign bits
+    elif bits == 3:      # per 3 words: codes 0-10 start in word 0, 11-21 in word 1, 22-31 in word 2
+        v = words.view(N, nblk, 3)
+        shift = (torch.arange(CODES_PER_BLOCK, device=words.device, dtype=torch.int32) * 3) % 32
+        c = torch.cat([v[..., 0:1] >> shift[:11], v[..., 1:2] >> shift[11:22], v[..., 2:3] >> shift[22:]], dim=-1)
+        c &= mask
+        c[..., 10] = (c[..., 10] & 3) | ((v[..., 1] & 1) << 2)      # bits 30, 31 | 32
+        c[..., 21] = (c[..., 21] & 1) | ((v[..., 2] & 3) << 1)      # bit 63 | 64, 65
+    else:                # 5, 6, 7 bits: read each code from the two bytes that hold it (offset + bits <= 15)
+        b = words.contiguous().view(torch.uint8).view(N, nblk, 4 * bits).to(torch.int32)
+        pos = torch.arange(CODES_PER_BLOCK, device=words.device) * bits
+        lo, off = pos // 8, (pos % 8).to(torch.int32)
+        hi = (lo + 1).clamp(max=4 * bits - 1)
+        c = ((b[..., lo] | (b[..., hi] << 8)) >> off) & mask
+    return c.reshape(N, nblk * CODES_PER_BLOCK)[:, :in_features].to(dtype)
 
 
 @dataclass(frozen=True)

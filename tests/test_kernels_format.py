@@ -109,7 +109,7 @@ def test_cpu_matches_reference(bits, symmetric):
         assert torch.equal(back.qweight, pw.qweight) and torch.equal(back.scales, pw.scales)
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
             assert torch.equal(w.dequantize(dtype), dequantize(pw, dtype))
-            for M in (1, 3, 40):  # torch's op for few rows, dequantize + dense matmul for many
+            for M in (1, 3, 40, 100):  # torch's op for few rows, dequantize + dense matmul for many
                 x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
                 y, r = w.matmul(x), matmul(x, pw)
                 assert y.dtype == dtype and y.shape == (M, N)
