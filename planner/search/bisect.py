@@ -45,13 +45,11 @@ class BisectConfig:
             raise PlannerError("hessian: give one target, max_kl or max_ppl_increase, not both")
         if self.max_kl is not None and self.max_kl < 0 or self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise PlannerError("hessian: targets must be >= 0")
-        if self.max_ppl_increase is not None and self.base_ppl is None:
-            raise PlannerError("hessian: max_ppl_increase needs base_ppl (the pipeline measures it)")
 
 
-def fidelity(config: BisectConfig, seed: int) -> Fidelity:
+def fidelity(tokens: int, seed: int) -> Fidelity:
     """The one batch every evaluation of this searcher uses (the pipeline measures base_ppl on it)."""
-    return Fidelity(config.tokens, derive_seed(seed, _SEED_PATH))
+    return Fidelity(tokens, derive_seed(seed, _SEED_PATH))
 
 
 @register("hessian", BisectConfig)
@@ -62,6 +60,8 @@ class BisectSearcher:
 
     def __init__(self, problem: Problem, config: BisectConfig, seed: int):
         self.problem, self.config = problem, config
+        if config.max_ppl_increase is not None and config.base_ppl is None:
+            raise PlannerError("hessian: max_ppl_increase needs base_ppl (the pipeline measures it)")
         items = make_items(problem, damage_table(problem, config.damage))
         start = solve_mckp(items, problem.budget_total())
         if start is None:
@@ -84,7 +84,7 @@ class BisectSearcher:
 
     def _seed(self, seed: int) -> None:
         self.seed = int(seed)
-        self.fidelity = fidelity(self.config, seed)
+        self.fidelity = fidelity(self.config.tokens, seed)
 
     def _meets(self, r: Result) -> bool:
         if not r.ok:

@@ -1,0 +1,98 @@
+"""Sensitivity in the pipeline: compute (or reuse) a score for a prepared session and turn it into
+the data the proxy searchers take (`damage` rows, `base_ppl`, evo's `init_x`).
+
+Works on a `planner.pipeline.Session` (duck-typed; the pipeline imports this module, not the
+reverse). The score is computed on a fresh fp32 copy of the model, because the session's model is
+held in the evaluation dtype with gradients off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from planner.budget import Budget, Metric
+from planner.errors import PlannerError
+from planner.model.families import family_of
+from planner.model.load import load_model
+from planner.problem import Problem
+from planner.search.bisect import BisectConfig, fidelity
+from planner.search.ilp import damage_table, exact_plan
+from planner.sensitivity.score import (
+    Score,
+    Sensitivity,
+    SensitivityConfig,
+    compute_sensitivity,
+    load_cached,
+    save_cached,
+)
+
+PROXY_METHODS = ("ilp", "lagrange", "hessian")   # searchers that take `damage` rows
+DEFAULT_SCORE = Score.HUTCHINSON
+
+
+def parse_score(name: str | None) -> Score:
+    try:
+        return Score(name or DEFAULT_SCORE.value)
+    except ValueError:
+        raise PlannerError(f"unknown sensitivity score {name!r}: choose one of "
+                           f"{', '.join(s.value for s in Score)}") from None
+
+
+def session_sensitivity(session, config: SensitivityConfig) -> Sensitivity:
+    """The score for this session's model, calibration windows and levels DB (cached next to the DB)."""
+    cached = load_cached(session.db, config)
+    if cached is not None:
+        return cached
+    spec = session.spec
+    model = load_model(spec.model, dtype=torch.float32, trust_remote_code=spec.trust_remote_code).model
+    blocks = family_of(model.config.model_type).blocks
+    calib = session.windows.ids[session.windows.calib]
+    total = {Score.NOISE: len(session.units), Score.PROXY: None}.get(config.score, config.max_probes)
+    with session.bar(total=total, desc=f"sensitivity ({config.score.value})") as bar:
+        sens = compute_sensitivity(model, session.units, session.db, calib, blocks, config, bar)
+    save_cached(session.db, config, sens)
+    return sens
+
+
+def needs_sensitivity(method: str, init: str | None) -> bool:
+    return method in PROXY_METHODS or init == "hessian"
+
+
+def proxy_inputs(session, problem: Problem, run, method: str, config: dict, init: str | None, score: str | None,
+                 seed: int) -> dict:
+    """`config` completed with the data a proxy searcher (or evo's hessian warm start) needs."""
+    sens = session_sensitivity(session, SensitivityConfig(score=parse_score(score)))
+    rows = sens.rows(problem)
+    if run is not None:
+        run.write("sensitivity.json", {"score": sens.score, "units": list(sens.units), "value": list(sens.value),
+                                       "stderr": list(sens.stderr), "probes": sens.probes, "seconds": sens.seconds,
+                                       "damage": rows})
+    config = dict(config)
+    if method in PROXY_METHODS:
+        config.setdefault("damage", rows)
+        config["score"] = sens.score
+    if method == "hessian" and config.get("max_ppl_increase") is not None and config.get("base_ppl") is None:
+        fid = fidelity(int(config.get("tokens", BisectConfig.tokens)), seed)
+        idx = session.windows.draw(fid.tokens, fid.seed)
+        config["base_ppl"] = session.evaluator(problem).score(None, idx).ppl
+    if method == "evo" and init == "hessian" and config.get("init_x") is None:
+        config["init_x"] = [int(v) for v in exact_plan(problem, damage_table(problem, rows))]
+    return config
+
+
+def max_budget(problem: Problem) -> Budget:
+    """The cost of the most expensive plan, in bits: the budget of a run that only has a target."""
+    return Budget(problem.cost(problem.n_levels - 1).bits, Metric.BITS)
+
+
+def problem_for(session, budget: Budget | None, tie_fused: bool = False) -> Problem:
+    """The session's problem for `budget` (None: the most expensive plan, for accuracy targets);
+    `tie_fused` ties each fused group (q/k/v, gate/up) to one level."""
+    if budget is None:
+        budget = max_budget(session.db.problem(session.units, Budget(1.0, Metric.BITS)))
+    problem = session.problem(budget)
+    if tie_fused:
+        problem = dataclasses.replace(problem, ties=tuple(u.group for u in session.units), _index={})
+    return problem
