@@ -25,6 +25,7 @@ N_BLOCKS = 6
 
 # small but real configs: each registered searcher finishes in well under a second here
 FAST = {"evo": {"generations": 8, "offspring": 6, "stages": [[3, 128], [1, 512]]}}
+FAST.update({"nsga2": {"generations": 6, "pop_size": 12}, "tpe": {"trials": 32, "batch": 4}})
 
 
 def toy_problem(budget: Budget | None = None, ragged: bool = False) -> Problem:

@@ -44,12 +44,14 @@ def fill_slack(x: np.ndarray, problem: Problem, rng: np.random.Generator) -> np.
         spend = problem.spend(x)     # re-summed, not accumulated: no float drift past the budget
 
 
-def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] = ()) -> np.ndarray:
+def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] = (),
+           fill: bool = True) -> np.ndarray:
     """Bring x within budget, then fill the slack.
 
     Over budget: lower random units one step, preferring units not in `frozen` (a mutation's
-    raised units, so the repair does not undo the move it repairs). Then `fill_slack`. The result
-    is feasible whenever the all-cheapest plan is.
+    raised units, so the repair does not undo the move it repairs). Then `fill_slack`, unless
+    `fill` is False (multi-objective search, where the budget is only an upper bound and plans
+    below it are wanted). The result is feasible whenever the all-cheapest plan is.
     """
     x = np.clip(np.array(x, dtype=np.int64), 0, problem.n_levels - 1)
     frozen_mask = np.zeros(len(x), dtype=bool)
@@ -62,7 +64,7 @@ def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] 
         if pool.size == 0:
             pool = np.flatnonzero(down)
         x[int(rng.choice(pool))] -= 1
-    return fill_slack(x, problem, rng)
+    return fill_slack(x, problem, rng) if fill else x
 
 
 def n_switches(rng: np.random.Generator, max_switches: int = 3) -> int:
@@ -71,7 +73,7 @@ def n_switches(rng: np.random.Generator, max_switches: int = 3) -> int:
 
 
 def level_switch(x, problem: Problem, rng: np.random.Generator, n_switches: int,
-                 same_size_only: bool = False) -> np.ndarray:
+                 same_size_only: bool = False, fill: bool = True) -> np.ndarray:
     """EvoPress's mutation: each switch raises one unit one step and lowers another one step.
 
     same_size_only: the lowered unit has the same numel and the same step cost as the raised one,
@@ -102,7 +104,21 @@ def level_switch(x, problem: Problem, rng: np.random.Generator, n_switches: int,
                 break
     if same_size_only:
         return x
-    return repair(x, problem, rng, frozen=raised)
+    return repair(x, problem, rng, frozen=raised, fill=fill)
+
+
+def level_step(x, problem: Problem, rng: np.random.Generator, n_steps: int) -> np.ndarray:
+    """Move `n_steps` distinct random units one ladder step up or down (within each ladder).
+
+    Unlike `level_switch` the spend changes: the move that walks a multi-objective search along
+    the size axis. Not repaired here; callers repair (with fill=False to keep smaller plans).
+    """
+    x = np.array(x, dtype=np.int64)
+    top = problem.n_levels - 1
+    units = rng.choice(len(x), size=min(n_steps, len(x)), replace=False)
+    step = rng.choice([-1, 1], size=len(units))
+    x[units] = np.clip(x[units] + step, 0, top[units])
+    return x
 
 
 def fill_uniform(problem: Problem, rng: np.random.Generator) -> np.ndarray:
