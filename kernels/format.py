@@ -198,4 +198,5 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, 
         if not torch.equal(zf, zf.round()) or (zf.numel() and (float(zf.min()) < 0 or float(zf.max()) >= 2**bits)):
             raise ValueError(f"zero points must be integers in [0, {2**bits})")
         z = zf.to(torch.uint8).contiguous()
-    return PackedWeight(pack_words(codes, bits), scales.contiguous(), z, int(bits), gs, int(K))
+    # a copy: scales read from a memory-mapped file (safetensors) must not keep the whole file mapped
+    return PackedWeight(pack_words(codes, bits), scales.contiguous().clone(), z, int(bits), gs, int(K))
