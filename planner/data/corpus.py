@@ -2,7 +2,7 @@
 
 `builtin` is the English text of Python's `pydoc_data.topics` (the language reference topics
 that ship with every CPython): ~465k characters, ~110k tokens for a Llama-style tokenizer.
-`builtin-news`-style second corpora are out of scope here; any local .txt/.jsonl/.parquet works.
+`builtin-docs` is a second built-in corpus (standard-library docstrings) for unseen-text checks.
 """
 
 from __future__ import annotations
@@ -13,6 +13,18 @@ from pathlib import Path
 from planner.errors import BadDataset
 
 BUILTIN = "builtin"
+BUILTIN_DOCS = "builtin-docs"   # a second, different built-in corpus: stdlib docstrings
+_DOC_MODULES = ("abc", "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures",
+                "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email",
+                "enum", "fractions", "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac",
+                "html.parser", "http.client", "http.server", "imaplib", "inspect", "ipaddress", "itertools", "json",
+                "locale", "logging", "mailbox", "mimetypes", "multiprocessing", "netrc", "numbers", "operator",
+                "optparse", "os", "pathlib", "pickle", "pkgutil", "platform", "plistlib", "poplib", "pprint",
+                "queue", "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal",
+                "smtplib", "socket", "socketserver", "sqlite3", "ssl", "statistics", "string", "subprocess",
+                "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback",
+                "types", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "wave",
+                "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zoneinfo")
 HUB = {  # name -> (dataset id, config, split, text field)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
     "c4": ("allenai/c4", "en", "validation", "text"),
@@ -24,6 +36,32 @@ def builtin_text() -> str:
     import pydoc_data.topics as topics
 
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def builtin_docs_text() -> str:
+    """Docstrings of ~100 standard-library modules and their public members: English technical
+    prose that shares no text with `builtin` (the language reference), for checking that a plan
+    searched on one corpus did not overfit it."""
+    import importlib
+    import inspect
+
+    parts: list[str] = []
+    for name in _DOC_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        parts.append(inspect.getdoc(mod) or "")
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            parts.append(inspect.getdoc(obj) or "")
+            if inspect.isclass(obj):
+                parts += [inspect.getdoc(m) or "" for k, m in sorted(vars(obj).items())
+                          if not k.startswith("_") and callable(m)]
+    seen: set[str] = set()
+    return "\n\n".join(p for p in parts if len(p) > 40 and not (p in seen or seen.add(p)))
 
 
 def _file_text(path: Path, field: str) -> str:
@@ -69,6 +107,8 @@ def _hub_text(name: str, max_chars: int) -> str:
 def load_text(dataset: str, text_field: str = "text", max_chars: int = 4_000_000) -> str:
     if dataset == BUILTIN:
         return builtin_text()
+    if dataset == BUILTIN_DOCS:
+        return builtin_docs_text()
     if dataset in HUB:
         return _hub_text(dataset, max_chars)
     path = Path(dataset).expanduser()
@@ -77,5 +117,5 @@ def load_text(dataset: str, text_field: str = "text", max_chars: int = 4_000_000
         if not text.strip():
             raise BadDataset(f"{dataset} contains no text")
         return text[:max_chars]
-    raise BadDataset(f"unknown dataset {dataset!r}: use 'builtin', a local .txt/.jsonl/.parquet file, "
+    raise BadDataset(f"unknown dataset {dataset!r}: use 'builtin', 'builtin-docs', a local .txt/.jsonl/.parquet file, "
                      f"or one of {', '.join(HUB)} (needs a network)")

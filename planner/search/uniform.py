@@ -51,18 +51,23 @@ def _orders(problem: Problem, seed: int) -> dict[str, np.ndarray]:
         "by-block-desc": np.lexsort((idx, -block)),
         "largest-first": np.lexsort((idx, -problem.numel)),
     }
+    # sandwich: the outermost blocks first (first and last, then second and second-to-last, ...)
+    orders["sandwich"] = np.lexsort((idx, np.minimum(block - block.min(), block.max() - block)))
     if problem.kinds:
         attn = np.array([is_attention(k) for k in problem.kinds])
         orders["attention-first"] = np.lexsort((idx, block, ~attn))
         orders["mlp-first"] = np.lexsort((idx, block, attn))
+        # the rule of thumb that beat same-size-only EvoPress on the default model
+        down = np.array(["down" in k.lower() for k in problem.kinds])
+        orders["attention+down-first"] = np.lexsort((idx, block, ~(attn | down)))
     orders["random"] = np.random.default_rng(seed).permutation(problem.n_units)
     return orders
 
 
-def greedy_mix(problem: Problem, low: int, order: np.ndarray) -> np.ndarray:
-    """Start at `low` everywhere; raise units to low+1 in `order` while the budget holds."""
+def greedy_mix(problem: Problem, low: int, order: np.ndarray, high_level: int | None = None) -> np.ndarray:
+    """Start at `low` everywhere; raise units to `high_level` (default low+1) in `order` while the budget holds."""
     x = uniform_x(problem, low)
-    high = uniform_x(problem, low + 1)
+    high = uniform_x(problem, low + 1 if high_level is None else high_level)
     for u in order:
         old, x[u] = x[u], high[u]
         if not problem.feasible(x):
@@ -103,8 +108,12 @@ class UniformSearcher:
                 add(uniform_x(p, lv), f"uniform {lv}")
         if fitting and fitting[-1] < top:
             low = fitting[-1]
-            for name, order in _orders(p, derive_seed(seed, _SEED_PATH, 1)).items():
-                add(greedy_mix(p, low, order), f"mix {low}/{low + 1} {name}")
+            pairs = [(low, low + 1)]
+            if low >= 1 and greedy_mix(p, low, np.arange(p.n_units), low + 1).tolist() == uniform_x(p, low).tolist():
+                pairs.append((low - 1, low + 1))   # the budget sits on level `low`: rules need a wider pair
+            for lo, hi in pairs:
+                for name, order in _orders(p, derive_seed(seed, _SEED_PATH, 1)).items():
+                    add(greedy_mix(p, lo, order, hi), f"mix {lo}/{hi} {name}")
         return out
 
     def ask(self) -> list[Candidate]:

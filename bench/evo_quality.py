@@ -1,0 +1,153 @@
+"""Evo against uniform plans, simple rules, a per-layer-error proxy and EvoPress's own default
+configuration on the default model; every final plan measured on held-out windows of the
+calibration corpus and on a second corpus the search never saw.
+
+    python bench/evo_quality.py [--budgets 2.5,3.0,3.5] [--generations 20] [--out reports/evo_quality.txt]
+
+Rows per budget:
+  uniform            the highest single level within budget
+  best mix           the best two-adjacent-level mix over the uniform searcher's orders
+  rule: <order>      one-line rules (first/last/sandwich layers, attention+down_proj first)
+  proxy (ilp)        exact allocation of the summed per-layer weight error ||W - Q||^2 (HiGHS)
+  evopress-default   evo with swaps only between same-size units and EvoPress's super-fast
+                     racing (16 offspring, 1@512, 1@8192), given our number of evaluations
+  evo (ours)         cost-aware swaps, the `cpu` schedule, warm-started from the best mix
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from planner.budget import parse_budget  # noqa: E402
+from planner.data.corpus import BUILTIN_DOCS, load_text  # noqa: E402
+from planner.data.windows import make_windows, tokenize  # noqa: E402
+from planner.evaluate.evaluator import InProcessEvaluator  # noqa: E402
+from planner.pipeline import DTYPES, ModelData, prepare  # noqa: E402
+from planner.rundir import RunDir  # noqa: E402
+from planner.search import (  # noqa: E402
+    ilp,  # noqa: E402,F401  (registers 'ilp')
+    make_searcher,
+    run_search,
+)
+from planner.search.evo import SCHEDULES  # noqa: E402
+from planner.space import load_space  # noqa: E402
+
+RULES = ("by-block-asc", "by-block-desc", "sandwich", "attention+down-first")
+
+
+def weight_error_damage(session, problem) -> list[list[float]]:
+    """||W - Q||_F^2 per (unit, level): the 'sum of per-layer errors' proxy."""
+    model = session.loaded.model
+    out = []
+    for u, name in enumerate(problem.units):
+        W = model.get_submodule(name).weight.detach().float()
+        out.append([float((W - session.db.weight(name, lv, torch.float32)).pow(2).sum()) for lv in problem.levels[u]])
+    return out
+
+
+def search(method, problem, evaluator, config, seed, workdir):
+    run = RunDir.create(Path(tempfile.mkdtemp(dir=workdir)) / "run", {"method": method})
+    s = make_searcher(method, problem, config, seed)
+    t0 = time.perf_counter()
+    n0 = evaluator.evaluations
+    run_search(s, problem, evaluator.evaluate, run)
+    return s, run, evaluator.evaluations - n0, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", default="2.5,3.0,3.5")
+    ap.add_argument("--generations", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="reports/evo_quality.txt")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = open(args.out, "w")
+
+    def emit(line: str = "") -> None:
+        print(line)
+        out.write(line + "\n")
+        out.flush()
+
+    md = ModelData(seed=args.seed)
+    session = prepare(md, load_space("gptq-g128"), quiet=True)
+    docs = make_windows(tokenize(session.loaded.tokenizer, load_text(BUILTIN_DOCS)), md.seqlen, md.calib_tokens,
+                        md.eval_tokens, md.seed)
+    workdir = tempfile.mkdtemp(prefix="evo-quality-")
+    cpu = SCHEDULES["cpu"]
+    ours_per_gen = cpu["offspring"] + sum(s for s, _ in cpu["stages"][:-1]) + 1
+    ep_stages = ((1, 512), (1, 8192))
+    ep_per_gen = 16 + 1 + 1
+    emit(f"# bench/evo_quality.py  model {md.model}  space gptq-g128  seed {args.seed}  generations {args.generations}")
+    emit(f"# held-out: {md.eval_tokens} tokens of 'builtin' (calibration corpus, never searched on) "
+         f"and {md.eval_tokens} tokens of '{BUILTIN_DOCS}' (never seen)")
+    summary = []
+    for b in args.budgets.split(","):
+        problem = session.problem(parse_budget(f"{b}bits"))
+        ev = session.evaluator(problem)
+        ev_docs = InProcessEvaluator(session.loaded.model, session.db, problem, docs, dtype=DTYPES[md.dtype])
+        rows: list[tuple] = []
+
+        def measure(label, x, evals, seconds, problem=problem, ev=ev, ev_docs=ev_docs, rows=rows):
+            a = ev.score(problem.decode(x), session.windows.heldout)
+            d = ev_docs.score(problem.decode(x), docs.heldout)
+            c = problem.cost(x)
+            rows.append((label, evals, seconds, c.bits, c.bpw, a.kl, a.ppl, d.kl, d.ppl))
+
+        uni, urun, n, t = search("uniform", problem, ev, {"tokens": 2048}, args.seed, workdir)
+        res = [r for r in urun.results() if r.error is None]
+        top = max((r for r in res if r.label.startswith("uniform ")), key=lambda r: r.bits)
+        measure(f"uniform {problem.levels[0][int(top.label.split()[1])]}", top.x, 1, top.seconds)
+        mixes = [r for r in res if r.label.startswith("mix ")]
+        if mixes:
+            best_mix = min(mixes, key=lambda r: r.kl)
+            measure(f"best mix ({best_mix.label.split(' ', 2)[2]})", best_mix.x, len(mixes), sum(r.seconds for r in mixes))
+            for rule in RULES:
+                r = next((r for r in mixes if r.label.endswith(" " + rule)), None)
+                if r is not None:
+                    measure(f"rule: {rule}", r.x, 1, r.seconds)
+        t0 = time.perf_counter()
+        damage = weight_error_damage(session, problem)
+        proxy, _, n, t = search("ilp", problem, ev, {"damage": damage, "score": "weight-mse"}, args.seed, workdir)
+        measure("proxy: ilp on sum ||W-Q||^2", proxy.best(), n, time.perf_counter() - t0)
+        init = list(uni.best())
+        ours_evals = args.generations * ours_per_gen
+        ep = {"generations": math.ceil(ours_evals / ep_per_gen), "offspring": 16, "stages": ep_stages,
+              "same_size_only": True, "init_x": init}
+        s, _, n, t = search("evo", problem, ev, ep, args.seed, workdir)
+        measure("evopress-default (same-size swaps)", s.best(), n, t)
+        mine = {**cpu, "generations": args.generations, "init_x": init}
+        s, _, n, t = search("evo", problem, ev, mine, args.seed, workdir)
+        measure("evo (ours)", s.best(), n, t)
+
+        base = rows[0][5]
+        emit(f"\n## budget {b} bits")
+        emit(f"{'plan':<38} {'evals':>6} {'wall s':>7} {'bits':>6} {'bpw':>6} {'KL':>8} {'ppl':>8} "
+             f"{'KL docs':>8} {'ppl docs':>9} {'KL/uniform':>10}")
+        for label, evals, sec, bits, bpw, kl, ppl, dkl, dppl in rows:
+            emit(f"{label:<38} {evals:>6} {sec:>7.0f} {bits:>6.3f} {bpw:>6.3f} {kl:>8.4f} {ppl:>8.2f} "
+                 f"{dkl:>8.4f} {dppl:>9.2f} {kl / base:>10.3f}")
+        summary.append((b, rows))
+    emit("\n## summary: held-out KL (builtin / builtin-docs), ratio to uniform")
+    emit(f"{'bits':>5} {'uniform':>16} {'best mix':>16} {'best rule':>16} {'proxy':>16} {'evopress-def':>16} "
+         f"{'evo (ours)':>16} {'ours/uniform':>12}")
+    for b, rows in summary:
+        by = {r[0].split(" (")[0].split(":")[0]: r for r in rows}
+        rule = min((r for r in rows if r[0].startswith("rule:")), key=lambda r: r[5], default=None)
+        cells = [rows[0], by.get("best mix"), rule, by.get("proxy"), by.get("evopress-default"), rows[-1]]
+        fmt = [f"{c[5]:.3f}/{c[7]:.3f}" if c else "-" for c in cells]
+        emit(f"{b:>5} " + " ".join(f"{f:>16}" for f in fmt) + f" {rows[-1][5] / rows[0][5]:>12.3f}")
+
+
+if __name__ == "__main__":
+    main()
