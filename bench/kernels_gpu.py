@@ -69,13 +69,12 @@ def run(bits_list: list[int], batches: list[int]) -> str:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 y, ref = wq_matmul(x, pw), x @ W.t()
                 err = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
-                t_wq = triton.testing.do_bench(lambda: wq_matmul(x, pw), warmup=25, rep=100)
-                t_bf = triton.testing.do_bench(lambda: x @ W.t(), warmup=25, rep=100)
+                t_wq = triton.testing.do_bench(lambda x=x, pw=pw: wq_matmul(x, pw), warmup=25, rep=100)
+                t_bf = triton.testing.do_bench(lambda x=x, W=W: x @ W.t(), warmup=25, rep=100)
                 moved = pw.nbytes + x.numel() * x.element_size() + M * N * 2
                 gbs = moved / (t_wq * 1e-3)
                 lines.append(f"{f'{K}x{N}':>12} {bits:>4} {M:>5} {t_wq * 1e3:>8.1f} {t_bf * 1e3:>8.1f} "
                              f"{t_bf / t_wq:>8.2f} {gbs / 1e9:>7.0f} {100 * gbs / bw:>6.1f} {err:>11.2e}")
-            del W
     return "\n".join(lines)
 
 
