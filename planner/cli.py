@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="find the best plan for a budget", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Build levels (cached), measure uniform baselines, search, and compare on held-out text.")
     s.add_argument("--budget", help="3.0bits (code bits per weight), 3.25bpw (stored bits incl. scales), or a size like 45MB")
-    s.add_argument("--method", default=None, help="evo (default) or uniform")
+    s.add_argument("--method", default=None, help="evo (default), uniform, or a sensitivity method: ilp (exact knapsack "
+                   "plan), lagrange (sweep of budgets), hessian (with --max-kl/--max-ppl-increase: bisection to the target)")
     s.add_argument("--schedule", default=None, help="evo racing schedule: cpu (default: 30 generations, 16 offspring, "
                    "4@512,1@2048), fast (EvoPress super-fast), paper (EvoPress defaults; needs --kl-topk and much text)")
     s.add_argument("--generations", type=int, default=None, help="evo generations (overrides the schedule)")
@@ -82,7 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", default=None, help="evo racing stages as survivors@tokens,... (overrides the schedule)")
     s.add_argument("--same-size-only", action="store_true", help="evo swaps bits only between units of one size (EvoPress's default)")
     s.add_argument("--evo-config", default=None, help="a JSON/YAML file of evo settings (generations, offspring, stages, max_switches, ...)")
-    s.add_argument("--init", default=None, help="evo warm start: uniform (default: the best uniform plan/mix) or a plan JSON file")
+    s.add_argument("--init", default=None, help="evo warm start: uniform (default: the best uniform plan/mix), hessian "
+                   "(the exact knapsack plan of --score) or a plan JSON file")
+    s.add_argument("--score", default=None, help="sensitivity score for ilp/lagrange/hessian and --init hessian: "
+                   "hutchinson (default), fisher, noise, proxy (see `planner sensitivity`)")
+    s.add_argument("--max-kl", type=float, default=None, help="hessian: accuracy target, the most compressed plan "
+                   "with KL <= this (--budget optional: it caps the search)")
+    s.add_argument("--max-ppl-increase", default=None, help="hessian: accuracy target as a perplexity increase, e.g. 2%%")
+    s.add_argument("--tie-fused", action="store_true", help="fused groups (q/k/v, gate/up) share one level "
+                   "(kept by ilp, lagrange and hessian)")
     s.add_argument("--kl-topk", type=_positive, default=None, help="measure KL over the reference's top-K tokens (+ tail); default: full vocabulary")
     s.add_argument("--uniform-tokens", type=_positive, default=None, help="tokens per uniform-baseline measurement (default 2048)")
     s.add_argument("--name", default=None, help="run name (default: a timestamp); the run dir is RUNS_DIR/NAME")
@@ -90,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run dir with its own config")
     _model_data_args(s)
     _common(s)
+
+    sn = sub.add_parser("sensitivity", help="per-unit sensitivity scores (cached next to the levels database)")
+    sn.add_argument("--score", default=None, help="hutchinson (default), fisher, noise, proxy, or all")
+    sn.add_argument("--top", type=int, default=15, help="print the N most sensitive units (default 15)")
+    _model_data_args(sn)
+    _common(sn)
 
     lv = sub.add_parser("levels", help="build the levels database")
     lvs = lv.add_subparsers(dest="levels_command", required=True, metavar="ACTION")
@@ -185,15 +200,24 @@ def cmd_search(args) -> int:
         cfg = run.config
         md = _model_data(argparse.Namespace(), cfg["model_data"])
     else:
-        if not args.budget:
+        targeted = args.max_kl is not None or args.max_ppl_increase is not None
+        if not args.budget and not targeted:
             raise PlannerError("missing --budget: e.g. --budget 3.0bits, 3.25bpw or 45MB")
-        parse_budget(args.budget)
+        if args.budget:
+            parse_budget(args.budget)
         method = args.method or DEFAULTS["method"]
         from planner.search import make_config
+        from planner.sensitivity.plans import PROXY_METHODS, parse_score, target_config
 
+        parse_score(args.score)
         method_config = _evo_config(args) if method == "evo" else {}
+        if method in PROXY_METHODS:
+            method_config = target_config(method, args.max_kl, args.max_ppl_increase, args.uniform_tokens or
+                                          DEFAULTS["uniform_tokens"])
+        elif targeted:
+            raise PlannerError("--max-kl/--max-ppl-increase need --method hessian")
         make_config(method, method_config)           # validate before any expensive work
-        if args.init and args.init != "uniform":
+        if args.init and args.init not in ("uniform", "hessian"):
             from planner.plan import Plan
 
             Plan.load(args.init)
@@ -205,13 +229,16 @@ def cmd_search(args) -> int:
         cfg = {"budget": args.budget, "method": method, "method_config": method_config,
                "space": args.space or DEFAULTS["space"], "uniform_tokens": args.uniform_tokens if args.uniform_tokens is not None else DEFAULTS["uniform_tokens"],
                "init": args.init or DEFAULTS["init"],
+               "score": args.score, "tie_fused": bool(args.tie_fused),
                "model_data": dataclasses.asdict(md)}
     space = load_space(cfg["space"])
-    budget = parse_budget(cfg["budget"])
+    budget = parse_budget(cfg["budget"]) if cfg["budget"] else None    # None: only an accuracy target
     _setup_torch(args.threads)
     t0 = time.perf_counter()
     session = prepare(md, space, quiet=args.quiet)
-    problem = session.problem(budget)                 # infeasible budget: error before the run dir exists
+    from planner.sensitivity import problem_for
+
+    problem = problem_for(session, budget, cfg.get("tie_fused", False))   # infeasible budget: error before the run dir exists
     stages = cfg["method_config"].get("stages", [])
     session.windows.draw(max([cfg["uniform_tokens"], *(t for _, t in stages)]), 0)  # fits the search pool?
     if not args.resume:
@@ -219,7 +246,7 @@ def cmd_search(args) -> int:
         run.save_problem(problem)
     seed = md.seed
     best = run_method(session, problem, run, cfg["method"], cfg["method_config"], seed, cfg["uniform_tokens"],
-                      init=cfg.get("init", "uniform"))
+                      init=cfg.get("init", "uniform"), score=cfg.get("score"))
     rows = finish(session, problem, run, best, cfg["method"])
     base = base_scores(session, problem)
     print(summary_table(rows, base, problem, session, run, time.perf_counter() - t0))
@@ -241,6 +268,21 @@ def summary_table(rows, base, problem, session, run, seconds: float) -> str:
     lines += ["", f"run dir: {run.path}", f"next:    planner eval {run.path / 'best_plan.json'}",
               f"         planner report {run.path}"]
     return "\n".join(lines)
+
+
+def cmd_sensitivity(args) -> int:
+    from planner.pipeline import prepare
+    from planner.sensitivity import Score, SensitivityConfig, session_sensitivity
+    from planner.sensitivity.plans import parse_score, summary
+    from planner.space import load_space
+
+    scores = list(Score) if args.score == "all" else [parse_score(args.score)]
+    _setup_torch(args.threads)
+    session = prepare(_model_data(args), load_space(args.space or DEFAULTS["space"]), quiet=args.quiet)
+    for score in scores:
+        config = SensitivityConfig(score=score)
+        print(summary(session_sensitivity(session, config), session.db, config, args.top))
+    return 0
 
 
 def cmd_levels(args) -> int:
@@ -310,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         os.environ.setdefault("TQDM_DISABLE", "1")
     handler = {"search": cmd_search, "levels": cmd_levels, "eval": cmd_eval, "report": cmd_report,
-               "export": cmd_export}[args.command]
+               "export": cmd_export, "sensitivity": cmd_sensitivity}[args.command]
     try:
         return handler(args)
     except PlannerError as e:

@@ -26,6 +26,7 @@ from planner.plan import Plan
 from planner.problem import Problem
 from planner.rundir import Row, RunDir
 from planner.search import make_searcher, run_search
+from planner.sensitivity import needs_sensitivity, proxy_inputs
 from planner.space import SearchSpace
 from planner.units import Unit, find_units
 
@@ -120,10 +121,12 @@ class _Progress:
 
 
 def run_method(session: Session, problem: Problem, run: RunDir, method: str, config: dict, seed: int,
-               uniform_tokens: int, init: str = "uniform") -> tuple[int, ...]:
+               uniform_tokens: int, init: str = "uniform", score: str | None = None) -> tuple[int, ...]:
     """Uniform baselines first (they are the yardstick and evo's warm start), then `method`.
 
-    `init` warm-starts evo: "uniform" (the best uniform plan or mix within budget) or a plan file."""
+    `init` warm-starts evo: "uniform" (the best uniform plan or mix within budget), "hessian" (the
+    exact knapsack plan of the sensitivity `score`) or a plan file. The proxy searchers (ilp,
+    lagrange, hessian) get their predicted damage from the sensitivity `score` (planner.sensitivity)."""
     evaluator = session.evaluator(problem)
     done = {}
     for r in run.results():
@@ -134,6 +137,8 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
     if method == "uniform":
         return uniform.best()
     config = dict(config)
+    if needs_sensitivity(method, init):
+        config = proxy_inputs(session, problem, run, method, config, init, score, seed)
     if method == "evo" and config.get("init_x") is None:
         config["init_x"] = list(uniform.best() if init == "uniform" else problem.encode(Plan.load(init)))
     searcher = make_searcher(method, problem, config, seed)

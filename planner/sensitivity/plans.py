@@ -23,6 +23,7 @@ from planner.sensitivity.score import (
     Score,
     Sensitivity,
     SensitivityConfig,
+    cache_path,
     compute_sensitivity,
     load_cached,
     save_cached,
@@ -96,3 +97,35 @@ def problem_for(session, budget: Budget | None, tie_fused: bool = False) -> Prob
     if tie_fused:
         problem = dataclasses.replace(problem, ties=tuple(u.group for u in session.units), _index={})
     return problem
+
+
+def target_config(method: str, max_kl: float | None, max_ppl_increase: str | float | None, tokens: int) -> dict:
+    """A proxy searcher's config from the CLI's target flags ('2%' or 0.02 for a ppl increase)."""
+    config: dict = {"tokens": int(tokens)}
+    if method != "hessian":
+        if max_kl is not None or max_ppl_increase is not None:
+            raise PlannerError("--max-kl/--max-ppl-increase need --method hessian")
+        return config
+    if max_kl is not None:
+        config["max_kl"] = float(max_kl)
+    if max_ppl_increase is not None:
+        text = str(max_ppl_increase).strip()
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise PlannerError(f"malformed --max-ppl-increase {text!r}: use e.g. 2% or 0.02") from None
+        config["max_ppl_increase"] = value
+    return config
+
+
+def summary(sens: Sensitivity, db, config: SensitivityConfig, top: int) -> str:
+    """The `top` units by predicted damage at their cheapest level, with the score's per-unit value."""
+    worst = {u: max(levels.values()) for u, levels in sens.damage.items()}
+    order = sorted(range(len(sens.units)), key=lambda i: -worst[sens.units[i]])
+    lines = [f"sensitivity {sens.score}: {len(sens.units)} units, {sens.probes} probes, {sens.seconds:.1f} s "
+             f"(cached: {cache_path(db, config)})",
+             f"{'unit':<44} {'value':>11} {'stderr':>10} {'damage@cheapest':>16}"]
+    for i in order[:top]:
+        u = sens.units[i]
+        lines.append(f"{u:<44} {sens.value[i]:>11.4g} {sens.stderr[i]:>10.3g} {worst[u]:>16.4g}")
+    return "\n".join(lines)
