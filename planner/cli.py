@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default=None, help="run name (default: a timestamp); the run dir is RUNS_DIR/NAME")
     s.add_argument("--runs-dir", default="runs", help="where run dirs go (default ./runs)")
     s.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run dir with its own config")
+    s.add_argument("--real", action="store_true", help="evaluate through the packed runtime (real low-bit kernels) "
+                   "instead of dequantized weights")
     _model_data_args(s)
     _common(s)
 
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="KL and perplexity of a plan on held-out windows")
     e.add_argument("plan", help="a plan JSON (e.g. runs/<name>/best_plan.json); its run's model and data are reused")
+    e.add_argument("--real", action="store_true", help="run the plan through the packed runtime (real low-bit kernels)")
     _model_data_args(e)
     _common(e)
 
@@ -229,7 +232,7 @@ def cmd_search(args) -> int:
         cfg = {"budget": args.budget, "method": method, "method_config": method_config,
                "space": args.space or DEFAULTS["space"], "uniform_tokens": args.uniform_tokens if args.uniform_tokens is not None else DEFAULTS["uniform_tokens"],
                "init": args.init or DEFAULTS["init"],
-               "score": args.score, "tie_fused": bool(args.tie_fused),
+               "score": args.score, "tie_fused": bool(args.tie_fused), "real": bool(args.real),
                "model_data": dataclasses.asdict(md)}
     space = load_space(cfg["space"])
     budget = parse_budget(cfg["budget"]) if cfg["budget"] else None    # None: only an accuracy target
@@ -239,6 +242,10 @@ def cmd_search(args) -> int:
     from planner.sensitivity import problem_for
 
     problem = problem_for(session, budget, cfg.get("tie_fused", False))   # infeasible budget: error before the run dir exists
+    if cfg.get("real"):
+        from planner.runtime import real_evaluator
+
+        real_evaluator(session, problem)              # the session's evaluator from now on: packed kernels
     stages = cfg["method_config"].get("stages", [])
     session.windows.draw(max([cfg["uniform_tokens"], *(t for _, t in stages)]), 0)  # fits the search pool?
     if not args.resume:
@@ -312,13 +319,15 @@ def cmd_eval(args) -> int:
 
     problem = session.db.problem(session.units, Budget(1e9, Metric.BITS))
     x = problem.encode(plan)
-    ev = session.evaluator(problem)
+    from planner.runtime import real_evaluator
+
+    ev = real_evaluator(session, problem) if args.real else session.evaluator(problem)
     s = ev.score(plan, session.windows.heldout)
     base = ev.score(None, session.windows.heldout)
     c = problem.cost(x)
     print(json.dumps({"plan": plan.id, "bits": round(c.bits, 4), "bpw": round(c.bpw, 4), "bytes": c.nbytes,
                       "kl": round(s.kl, 5), "ppl": round(s.ppl, 4), "base_ppl": round(base.ppl, 4),
-                      "tokens": s.tokens, "dataset": md.dataset}))
+                      "tokens": s.tokens, "dataset": md.dataset, "real": bool(args.real)}))
     print(f"plan {plan.id}: bits {c.bits:.3f}  bpw {c.bpw:.3f}  KL {s.kl:.4f}  ppl {s.ppl:.3f} "
           f"(base {base.ppl:.3f}) on {s.tokens} held-out tokens of {md.dataset!r}", file=sys.stderr)
     return 0
