@@ -25,22 +25,19 @@ import numpy as np
 from planner.errors import PlannerError
 from planner.problem import Problem
 from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
-from planner.search.ilp import _SEED_PATH, Damage, damage_table, make_items, solve_mckp
+from planner.search.ilp import _SEED_PATH, IlpConfig, damage_table, make_items, solve_mckp
 from planner.search.lagrange import hull_path
 
 
 @dataclass(frozen=True)
-class BisectConfig:
-    damage: Damage | None = None        # [unit][level] predicted damage; None: the 4^-bits prior
-    score: str = "prior"                # what produced `damage` (a label for reports)
+class BisectConfig(IlpConfig):
+    tokens: int = 4096                  # tokens per evaluation (one fixed batch for all of them)
     max_kl: float | None = None         # target: KL <= max_kl
     max_ppl_increase: float | None = None   # target: ppl <= base_ppl * (1 + max_ppl_increase)
     base_ppl: float | None = None       # the unmodified model's ppl on this searcher's fidelity
-    tokens: int = 4096                  # tokens per evaluation (one fixed batch for all of them)
 
     def __post_init__(self) -> None:
-        if self.tokens <= 0:
-            raise PlannerError(f"hessian: tokens must be positive, got {self.tokens}")
+        super().__post_init__()
         if self.max_kl is not None and self.max_ppl_increase is not None:
             raise PlannerError("hessian: give one target, max_kl or max_ppl_increase, not both")
         if self.max_kl is not None and self.max_kl < 0 or self.max_ppl_increase is not None and self.max_ppl_increase < 0:

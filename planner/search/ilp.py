@@ -12,6 +12,7 @@ prior stands in: every unit equally sensitive, squared error ~ numel * 4^-bits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,26 +148,28 @@ def exact_plan(problem: Problem, table: np.ndarray) -> np.ndarray:
 class IlpConfig:
     damage: Damage | None = None     # [unit][level] predicted damage; None: the 4^-bits prior
     score: str = "prior"             # what produced `damage` (a label for reports)
-    tokens: int = 2048               # tokens the plan is measured on
+    tokens: int = 2048               # tokens each plan is measured on
 
     def __post_init__(self) -> None:
         if self.tokens <= 0:
-            raise PlannerError(f"ilp: tokens must be positive, got {self.tokens}")
+            raise PlannerError(f"{type(self).__name__}: tokens must be positive, got {self.tokens}")
 
 
-@register("ilp", IlpConfig)
-class IlpSearcher:
-    """The exact predicted-damage-optimal plan at the budget (one knapsack solve), measured once."""
+class FixedPlans:
+    """Base of the proxy searchers that measure a fixed list of plans, each with its predicted
+    damage, in one batch (one ask, one tell): subclasses only say which plans (`_plans`)."""
 
-    method = "ilp"
+    method = ""
 
     def __init__(self, problem: Problem, config: IlpConfig, seed: int):
         self.problem, self.config = problem, config
-        table = damage_table(problem, config.damage)
-        self.x = tuple(int(v) for v in exact_plan(problem, table))
-        self.predicted = float(np.nansum(table[np.arange(problem.n_units), self.x]))
+        self.plans = self._plans(make_items(problem, damage_table(problem, config.damage)))
         self._seed(seed)
-        self.result: float | None = None
+        self.results: list[float] | None = None
+
+    def _plans(self, items: Items) -> list[tuple[tuple[int, ...], float, str]]:
+        """(x, predicted damage, label) per plan, all within the budget."""
+        raise NotImplementedError
 
     def _seed(self, seed: int) -> None:
         self.seed = int(seed)
@@ -175,21 +178,41 @@ class IlpSearcher:
     def ask(self) -> list[Candidate]:
         if self.done():
             return []
-        return [Candidate(self.x, self.fidelity, method=self.method, label=f"ilp {self.config.score}",
-                          predicted=self.predicted)]
+        return [Candidate(x, self.fidelity, method=self.method, label=label, predicted=pred)
+                for x, pred, label in self.plans]
 
     def tell(self, results: list[Result]) -> None:
-        self.result = next((r.kl if r.ok else float("inf") for r in results), float("inf"))
+        kl = {tuple(r.candidate.x): (r.kl if r.ok else math.inf) for r in results}
+        self.results = [kl.get(x, math.inf) for x, _, _ in self.plans]
 
     def done(self) -> bool:
-        return self.result is not None
+        return self.results is not None or not self.plans
 
     def best(self) -> tuple[int, ...] | None:
-        return self.x
+        """The best measured plan; unmeasured or all failed: the one nearest the budget (last)."""
+        if not self.plans:
+            return None
+        if self.results is None or not any(math.isfinite(v) for v in self.results):
+            return self.plans[-1][0]
+        return self.plans[int(np.argmin(self.results))][0]
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "result": self.result}
+        return {"seed": self.seed, "results": self.results}
 
     def load_state_dict(self, state: dict) -> None:
         self._seed(state["seed"])
-        self.result = None if state["result"] is None else float(state["result"])
+        self.results = None if state["results"] is None else [float(v) for v in state["results"]]
+
+
+@register("ilp", IlpConfig)
+class IlpSearcher(FixedPlans):
+    """The exact predicted-damage-optimal plan at the budget (one knapsack solve), measured once."""
+
+    method = "ilp"
+
+    def _plans(self, items: Items) -> list[tuple[tuple[int, ...], float, str]]:
+        opts = solve_mckp(items, self.problem.budget_total())
+        if opts is None:
+            raise PlannerError(f"ilp: no plan meets the budget {self.problem.budget}")
+        x = tuple(int(v) for v in items.to_x(opts, self.problem.n_units))
+        return [(x, items.damage_of(opts), f"ilp {self.config.score}")]

@@ -11,15 +11,13 @@ every hull plan measured for real, so the journal holds predicted and measured d
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from planner.errors import PlannerError
-from planner.problem import Problem
-from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
-from planner.search.ilp import _SEED_PATH, Damage, Items, damage_table, make_items
+from planner.search.base import register
+from planner.search.ilp import FixedPlans, IlpConfig, Items
 
 _REL_TOL = 1e-12
 
@@ -82,30 +80,22 @@ def hull_path(items: Items, start) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
-class LagrangeConfig:
-    damage: Damage | None = None     # [unit][level] predicted damage; None: the 4^-bits prior
-    score: str = "prior"             # what produced `damage` (a label for reports)
+class LagrangeConfig(IlpConfig):
     points: int = 6                  # budgets swept: evenly from the cheapest plan to the budget
-    tokens: int = 2048               # tokens each plan is measured on
 
     def __post_init__(self) -> None:
-        if self.points < 1 or self.tokens <= 0:
-            raise PlannerError(f"lagrange: points >= 1 and tokens > 0 are required, got {self.points}, {self.tokens}")
+        super().__post_init__()
+        if self.points < 1:
+            raise PlannerError(f"lagrange: points must be >= 1, got {self.points}")
 
 
 @register("lagrange", LagrangeConfig)
-class LagrangeSearcher:
+class LagrangeSearcher(FixedPlans):
     """Lagrangian sweep: the hull plan for each of several budgets, all measured in one batch."""
 
     method = "lagrange"
 
-    def __init__(self, problem: Problem, config: LagrangeConfig, seed: int):
-        self.problem, self.config = problem, config
-        self.plans = self._sweep(make_items(problem, damage_table(problem, config.damage)))
-        self._seed(seed)
-        self.results: list[float] | None = None
-
-    def _sweep(self, items: Items) -> list[tuple[tuple[int, ...], float, str]]:
+    def _plans(self, items: Items) -> list[tuple[tuple[int, ...], float, str]]:
         limit = self.problem.budget_total()
         cheapest = float(np.nanmin(items.cost, axis=1).sum())
         out, seen = [], set()
@@ -119,34 +109,3 @@ class LagrangeSearcher:
                 seen.add(x)
                 out.append((x, items.damage_of(opts), f"lagrange {self.config.score} {k}/{self.config.points}"))
         return out
-
-    def _seed(self, seed: int) -> None:
-        self.seed = int(seed)
-        self.fidelity = Fidelity(self.config.tokens, derive_seed(seed, _SEED_PATH))
-
-    def ask(self) -> list[Candidate]:
-        if self.done():
-            return []
-        return [Candidate(x, self.fidelity, method=self.method, label=label, predicted=pred)
-                for x, pred, label in self.plans]
-
-    def tell(self, results: list[Result]) -> None:
-        kl = {tuple(r.candidate.x): (r.kl if r.ok else math.inf) for r in results}
-        self.results = [kl.get(x, math.inf) for x, _, _ in self.plans]
-
-    def done(self) -> bool:
-        return self.results is not None or not self.plans
-
-    def best(self) -> tuple[int, ...] | None:
-        if not self.plans:
-            return None
-        if self.results is None or not any(math.isfinite(v) for v in self.results):
-            return self.plans[-1][0]                       # unmeasured: the plan nearest the budget
-        return self.plans[int(np.argmin(self.results))][0]
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "results": self.results}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._seed(state["seed"])
-        self.results = None if state["results"] is None else [float(v) for v in state["results"]]
