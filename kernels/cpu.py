@@ -2,7 +2,8 @@
 
 Three forms, chosen per weight by `prepare_cpu` (see `CpuKind`):
 
-- INT4PACK (4 bits, N % 16 == 0, a torch group size that tiles our groups): torch's
+- INT4PACK (4 bits, N % 16 == 0, a torch group size that tiles our groups; on request also 1-3
+  bit codes, widened to 4 bits: faster, at 4 bits of memory per weight): torch's
   ``_weight_int4pack_mm_for_cpu``. Its convention (measured in torch 2.13) is
   ``w = (q - 8) * scale + zero_f`` with ``scale`` and ``zero_f`` in one
   ``[K / qgs, N, 2]`` tensor of the activation dtype, qgs in {32, 64, 128, 256}. Ours is
@@ -89,7 +90,7 @@ class UnpackWeight:
 def int4_group_size(pw: PackedWeight) -> int | None:
     """The torch int4 group size that serves this weight, or None if the int4 op does not apply."""
     N, K = pw.shape
-    if pw.bits != 4 or N % 16:
+    if pw.bits > 4 or N % 16:
         return None
     return next((q for q in INT4_GROUP_SIZES if pw.group_size % q == 0 and K % q == 0), None)
 
@@ -120,13 +121,14 @@ class Int4Weight:
     group_size: int
     qgs: int                      # torch's group size, divides group_size and K
     symmetric: bool
+    bits: int = 4                 # the codes' own width (< 4: widened, exactly: w = s * (q - z) either way)
     kind: CpuKind = CpuKind.INT4PACK
     _sz: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_packed(cls, pw: PackedWeight, qgs: int) -> Int4Weight:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pw.codes().to(torch.int32), 1)
-        return cls(packed, pw.scales, pw.zero_points(), pw.group_size, qgs, pw.symmetric)
+        return cls(packed, pw.scales, pw.zero_points(), pw.group_size, qgs, pw.symmetric, pw.bits)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -156,7 +158,7 @@ class Int4Weight:
     def to_packed(self) -> PackedWeight:
         N, K = self.shape
         zeros = None if self.symmetric else self.zeros
-        return pack(_int4pack_codes(self.packed, N, K), self.scales, zeros, 4, self.group_size)
+        return pack(_int4pack_codes(self.packed, N, K), self.scales, zeros, self.bits, self.group_size)
 
     @property
     def nbytes(self) -> int:
@@ -227,7 +229,7 @@ def prepare_cpu(pw: PackedWeight, kind: CpuKind | None = None) -> CpuWeight:
     pw = pw.to("cpu")
     qgs = int4_group_size(pw)
     if kind is None:
-        kind = CpuKind.INT4PACK if qgs else CpuKind.INT8PACK if int8_applies(pw) else CpuKind.UNPACK
+        kind = CpuKind.INT4PACK if qgs and pw.bits == 4 else CpuKind.INT8PACK if int8_applies(pw) else CpuKind.UNPACK
     if kind is CpuKind.INT4PACK:
         if qgs is None:
             raise ValueError(f"torch's int4 op does not take a {pw.bits}-bit {pw.shape} weight in groups of "

@@ -93,7 +93,19 @@ def test_cpu_kind_choice():
     assert prepare_cpu(rand_packed(32, 100, 8, 64, False)).kind is CpuKind.UNPACK  # ragged width 36
     assert prepare_cpu(rand_packed(32, 96, 3, 48, False)).kind is CpuKind.UNPACK
     with pytest.raises(ValueError):
-        prepare_cpu(rand_packed(32, 96, 3, 48, False), CpuKind.INT4PACK)
+        prepare_cpu(rand_packed(32, 96, 3, 48, False), CpuKind.INT4PACK)   # group 48: no torch group size
+    with pytest.raises(ValueError):
+        prepare_cpu(rand_packed(32, 96, 8, 32, False), CpuKind.INT4PACK)   # 8-bit codes do not fit
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bits_widened_to_int4pack(bits):
+    pw = rand_packed(32, 96, bits, 32, False, seed=bits)
+    w = prepare_cpu(pw, CpuKind.INT4PACK)
+    assert w.kind is CpuKind.INT4PACK and torch.equal(w.to_packed().qweight, pw.qweight)
+    assert torch.equal(w.dequantize(torch.float32), dequantize(pw))
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(w.matmul(x), matmul(x, pw), rtol=1e-5, atol=1e-5)
 
 
 CASES = [(64, 576, 128), (48, 96, 48), (32, 100, 64), (32, 64, 32)]
