@@ -8,7 +8,9 @@ different methods and runs of one problem compare:
 - KL on a log scale from KL_FLOOR (1e-3 nats, the bf16 noise floor: smaller KLs say nothing) to
   KL_REF (10 nats: a broken model; uniform 2-bit RTN on the default model is 12);
 - a size from the cheapest plan to the budget (the budget's metric) or to the dearest plan (others).
-The reference point is (1, ..., 1), so a hypervolume lies in [0, 1].
+The reference point lies a margin past the box, at (1.1, ..., 1.1), so that plans exactly on the
+budget (where a single-objective search puts them) still count; `plans_hypervolume` divides by
+1.1^d, so it lies in [0, 1].
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from planner.problem import Problem
 
 KL_FLOOR = 1e-3
 KL_REF = 10.0
+REF = 1.1           # reference point on every normalized axis
 
 
 class Objective(str, enum.Enum):
@@ -47,10 +50,10 @@ def parse_objectives(names: Iterable[str]) -> tuple[Objective, ...]:
     return objs
 
 
-def resolve(objectives: Sequence[Objective], problem: Problem) -> tuple[Metric, ...]:
+def resolve(objectives: Sequence[Objective | str], problem: Problem) -> tuple[Metric, ...]:
     """The size metrics of `objectives` (`size` -> the budget's metric), duplicates dropped."""
     out: list[Metric] = []
-    for o in objectives[1:]:
+    for o in map(Objective, objectives[1:]):
         m = problem.budget.metric if o is Objective.SIZE else Metric(o.value)
         if m not in out:
             out.append(m)
@@ -120,9 +123,10 @@ def hypervolume(points: np.ndarray, ref: np.ndarray | None = None) -> float:
     return float(sum((zs[i] - P[i, -1]) * hypervolume(P[: i + 1, :-1], ref[:-1]) for i in range(len(P))))
 
 
-def plans_hypervolume(problem: Problem, objectives: Sequence[Objective], xs: Sequence, kls: Sequence) -> float:
+def plans_hypervolume(problem: Problem, objectives: Sequence[Objective | str], xs: Sequence, kls: Sequence) -> float:
     """Hypervolume of plans (level vectors with their KL) on `objectives` of `problem`."""
     metrics = resolve(objectives, problem) or (problem.budget.metric,)
     costs = [problem.cost(x) for x in xs]
     sizes = [[c.value(m) for c in costs] for m in metrics]
-    return hypervolume(normalize(problem, metrics, kls, sizes))
+    d = 1 + len(metrics)
+    return hypervolume(normalize(problem, metrics, kls, sizes), np.full(d, REF)) / REF**d

@@ -7,13 +7,14 @@ proposal is then told FAIL (user attr `over_budget`) and the repaired plan is en
 as the trial that is measured, so the sampler only ever learns from plans that were measured. A
 plan measured before is answered from the study without a new evaluation.
 
-State. Without `storage` the study lives in memory and the state carries its trials (compact
-records that are replayed into a fresh study on load: optuna's own journal holds ~60 kB per trial
-of 210 parameters). With `storage` (`sqlite:///study.db`, any SQLAlchemy URL, or a journal file
-path) the study lives there, opens in optuna-dashboard, and a resumed run continues the same study;
-trials a killed run asked but never told are closed as FAIL (`abandoned`). Either way the sampler
-is re-seeded from (run seed, proposal count) before every proposal, so a restored searcher
-proposes exactly what an uninterrupted one would.
+State. The study the sampler reads lives in memory, and the state carries its trials as compact
+records, replayed into a fresh study on load (optuna's own journal holds ~60 kB per trial of 210
+parameters; an SQLite storage commits every parameter, ~10 s per plan here). The sampler is
+re-seeded from (run seed, proposal count) before every proposal, so a restored searcher proposes
+exactly what an uninterrupted one would. With `storage` (`sqlite:///study.db`, any SQLAlchemy URL,
+or a journal file path) every finished trial is also written, one transaction each, to the study
+`study_name` there, which optuna-dashboard opens while the search runs; a resumed run continues
+that same study where it stopped (trials already written are not written again).
 """
 
 from __future__ import annotations
@@ -92,21 +93,34 @@ class TPESearcher:
         self.failed: set[X] = set()
         self.history: list[tuple[int, float, float]] = []   # (batch, best KL within budget, hypervolume)
         self.study = self._open([])
+        self.mirror = None if config.storage is None else optuna.create_study(
+            storage=open_storage(config.storage), study_name=config.study_name,
+            directions=self.study.directions, load_if_exists=True)
+        self.mirror_base = 0 if self.mirror is None else len(self.mirror.trials)   # trials that were not ours
 
     # --- the study -------------------------------------------------------------------------
     def _open(self, records: list):
         import optuna
 
-        directions = ["minimize"] * (1 + len(self.metrics))
-        if self.config.storage is not None:
-            return optuna.create_study(storage=open_storage(self.config.storage), study_name=self.config.study_name,
-                                       directions=directions, load_if_exists=True)
-        study = optuna.create_study(study_name=self.config.study_name, directions=directions)
+        study = optuna.create_study(study_name=self.config.study_name,
+                                    directions=["minimize"] * (1 + len(self.metrics)))
         for state, x, values, user_attrs, system_attrs in records:
             study.add_trial(optuna.trial.create_trial(
                 state=optuna.trial.TrialState[state], params=dict(zip(self.problem.units, x, strict=True)),
                 distributions=self.dists, values=values, user_attrs=user_attrs, system_attrs=system_attrs))
         return study
+
+    def _publish(self) -> None:
+        """Write the finished trials the storage lacks (all are finished after a tell)."""
+        import optuna
+
+        if self.mirror is None:
+            return
+        trials = self.study.get_trials(deepcopy=False)
+        for t in trials[len(self.mirror.get_trials(deepcopy=False)) - self.mirror_base:]:
+            self.mirror.add_trial(optuna.trial.create_trial(
+                state=t.state, params=t.params, distributions=t.distributions, values=t.values,
+                user_attrs=t.user_attrs, system_attrs={k: v for k, v in t.system_attrs.items() if k != "fixed_params"}))
 
     def _sampler(self):
         import optuna
@@ -190,6 +204,7 @@ class TPESearcher:
         self.history.append((self.batches, self.measured()[best] if best else math.inf, self.hypervolume()))
         self.batches += 1
         self.pending = None
+        self._publish()
 
     def done(self) -> bool:
         return self.told >= self.config.trials or self.exhausted
@@ -207,14 +222,12 @@ class TPESearcher:
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"seed": self.seed, "asked": self.asked, "told": self.told, "batches": self.batches,
+        return {"seed": self.seed, "asked": self.asked, "told": self.told, "batches": self.batches,
                  "exhausted": self.exhausted, "queue": [list(x) for x in self.queue],
                  "pending": None if self.pending is None else [[n, list(x)] for n, x in self.pending],
                  "failed": sorted(list(x) for x in self.failed), "history": [list(h) for h in self.history],
-                 "storage": self.config.storage, "study_name": self.config.study_name}
-        if self.config.storage is None:
-            state["trials"] = [trial_record(t, self.problem.units) for t in self.study.get_trials(deepcopy=False)]
-        return state
+                 "storage": self.config.storage, "study_name": self.config.study_name, "mirror_base": self.mirror_base,
+                 "trials": [trial_record(t, self.problem.units) for t in self.study.get_trials(deepcopy=False)]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("storage") != self.config.storage or state.get("study_name") != self.config.study_name:
@@ -229,19 +242,8 @@ class TPESearcher:
                                                               for n, x in state["pending"]]
         self.failed = {tuple(int(v) for v in x) for x in state["failed"]}
         self.history = [(int(b), float(k), float(h)) for b, k, h in state["history"]]
-        self.study = self._open(state.get("trials", []))
-        self._close_abandoned()
-
-    def _close_abandoned(self) -> None:
-        """Trials a killed run asked but never told (not pending in the checkpoint): FAIL them, so
-        the samplers (which skip failed trials) see what an uninterrupted run saw."""
-        import optuna
-
-        pending = {n for n, _ in self.pending or []}
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t.number not in pending:
-                optuna.trial.Trial(self.study, t._trial_id).set_user_attr("abandoned", "the run stopped before it was measured")
-                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        self.mirror_base = int(state["mirror_base"])
+        self.study = self._open(state["trials"])
 
 
 def optuna_state(name: str):
