@@ -59,6 +59,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
+def _workers_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workers (Ray; pip install 'planner[ray]')")
+    g.add_argument("--workers", type=_positive, default=None, help="evaluate (and build levels) on N Ray workers; "
+                   "without --ray-address a local Ray is started (default: in-process)")
+    g.add_argument("--ray-address", default=None, help="join a running Ray cluster: auto or HOST:PORT "
+                   "(workers: --workers, else one per GPU or per CPU)")
+    g.add_argument("--worker-threads", type=_positive, default=1, help="torch threads per CPU worker (default 1)")
+
+
+def _cluster(args):
+    """The Ray workers asked for, or None (in-process)."""
+    if getattr(args, "workers", None) is None and getattr(args, "ray_address", None) is None:
+        return None
+    from planner.distributed import Cluster, ClusterSpec
+
+    return Cluster(ClusterSpec(workers=args.workers, address=args.ray_address, threads=args.worker_threads))
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors become one line and exit code 2, like every other bad input."""
 
@@ -101,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of dequantized weights")
     _model_data_args(s)
     _common(s)
+    _workers_args(s)
 
     sn = sub.add_parser("sensitivity", help="per-unit sensitivity scores (cached next to the levels database)")
     sn.add_argument("--score", default=None, help="hutchinson (default), fisher, noise, proxy, or all")
@@ -113,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = lvs.add_parser("build", help="quantize every unit at every level of the search space (cached)")
     _model_data_args(b)
     _common(b)
+    _workers_args(b)
 
     e = sub.add_parser("eval", help="KL and perplexity of a plan on held-out windows")
     e.add_argument("plan", help="a plan JSON (e.g. runs/<name>/best_plan.json); its run's model and data are reused")
     e.add_argument("--real", action="store_true", help="run the plan through the packed runtime (real low-bit kernels)")
     _model_data_args(e)
     _common(e)
+    _workers_args(e)
 
     r = sub.add_parser("report", help="write the HTML report of a run")
     r.add_argument("run", help="a run dir (runs/<name>)")
@@ -238,7 +259,7 @@ def cmd_search(args) -> int:
     budget = parse_budget(cfg["budget"]) if cfg["budget"] else None    # None: only an accuracy target
     _setup_torch(args.threads)
     t0 = time.perf_counter()
-    session = prepare(md, space, quiet=args.quiet)
+    session = prepare(md, space, quiet=args.quiet, cluster=_cluster(args))
     from planner.sensitivity import problem_for
 
     problem = problem_for(session, budget, cfg.get("tie_fused", False))   # infeasible budget: error before the run dir exists
@@ -297,7 +318,8 @@ def cmd_levels(args) -> int:
     from planner.space import load_space
 
     _setup_torch(args.threads)
-    session = prepare(_model_data(args), load_space(args.space or DEFAULTS["space"]), quiet=args.quiet)
+    session = prepare(_model_data(args), load_space(args.space or DEFAULTS["space"]), quiet=args.quiet,
+                      cluster=_cluster(args))
     print(f"levels database: {session.db.path} ({len(session.db.units)} units x {len(session.space.levels)} levels)")
     return 0
 
@@ -314,7 +336,7 @@ def cmd_eval(args) -> int:
     md = _model_data(args, base_cfg.get("model_data"))
     space = load_space(args.space or base_cfg.get("space") or DEFAULTS["space"])
     _setup_torch(args.threads)
-    session = prepare(md, space, quiet=args.quiet)
+    session = prepare(md, space, quiet=args.quiet, cluster=_cluster(args))
     from planner.budget import Budget, Metric
 
     problem = session.db.problem(session.units, Budget(1e9, Metric.BITS))
@@ -371,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = " (resume with: planner search --resume RUN)" if args.command == "search" else ""
         print(f"planner: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        if "planner.distributed" in sys.modules:      # --workers/--ray-address: stop the actors (and a local Ray)
+            sys.modules["planner.distributed"].shutdown()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class Session:
     db: LevelsDB
     quiet: bool = False
     _evaluator: InProcessEvaluator | None = None
+    cluster: object | None = None    # a planner.distributed.Cluster: evaluate on its Ray workers
 
     def problem(self, budget: Budget) -> Problem:
         p = self.db.problem(self.units, budget)
@@ -70,6 +71,9 @@ class Session:
 
     def evaluator(self, problem: Problem) -> InProcessEvaluator:
         if self._evaluator is None or self._evaluator.problem is not problem:
+            if self.cluster is not None:   # same interface, same numbers (planner/distributed)
+                self._evaluator = self.cluster.executor(self, problem)
+                return self._evaluator
             self._evaluator = InProcessEvaluator(self.loaded.model, self.db, problem, self.windows,
                                                  dtype=DTYPES[self.spec.dtype], kl_topk=self.spec.kl_topk)
         return self._evaluator
@@ -78,8 +82,9 @@ class Session:
         return tqdm(disable=self.quiet, dynamic_ncols=True, **kw)
 
 
-def prepare(spec: ModelData, space: SearchSpace, quiet: bool = False) -> Session:
-    """Load model and data, build (or reuse) the levels DB. Raises PlannerError on bad input."""
+def prepare(spec: ModelData, space: SearchSpace, quiet: bool = False, cluster=None) -> Session:
+    """Load model and data, build (or reuse) the levels DB. Raises PlannerError on bad input.
+    With a `cluster` (planner.distributed.Cluster) the DB is built and plans are scored on its workers."""
     if quiet:
         import transformers
 
@@ -88,9 +93,16 @@ def prepare(spec: ModelData, space: SearchSpace, quiet: bool = False) -> Session
     units = find_units(loaded.model)
     text = load_text(spec.dataset, spec.text_field)
     windows = make_windows(tokenize(loaded.tokenizer, text), spec.seqlen, spec.calib_tokens, spec.eval_tokens, spec.seed)
-    session = Session(spec, loaded, units, windows, space, db=None, quiet=quiet)  # type: ignore[arg-type]
-    session.db = build_levels(loaded.model, units, space, windows.ids[windows.calib], fingerprint(loaded.model),
-                              progress_factory=lambda **kw: session.bar(**kw))
+    session = Session(spec, loaded, units, windows, space, db=None, quiet=quiet, cluster=cluster)  # type: ignore[arg-type]
+    build = build_levels
+    if cluster is not None:
+        from functools import partial
+
+        from planner.distributed.levels import build_levels_distributed
+
+        build = partial(build_levels_distributed, cluster, loaded.source, trust_remote_code=spec.trust_remote_code)
+    session.db = build(loaded.model, units, space, windows.ids[windows.calib], fingerprint(loaded.model),
+                       progress_factory=lambda **kw: session.bar(**kw))
     return session
 
 
@@ -110,7 +122,9 @@ class _Progress:
         if row.error is None and row.label != "parent":
             self.best = min(self.best, row.kl)
         rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix_str(f"gen {row.generation} best KL {self.best:.4f} {rate:.0f} tok/s", refresh=False)
+        workers = getattr(self._evaluator, "summary", None)     # Ray executor: per-worker tok/s, utilisation
+        self.bar.set_postfix_str(f"gen {row.generation} best KL {self.best:.4f} {rate:.0f} tok/s"
+                                 + (f" [{workers()}]" if workers else ""), refresh=False)
 
     def __enter__(self):
         return self
@@ -128,6 +142,8 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
     exact knapsack plan of the sensitivity `score`) or a plan file. The proxy searchers (ilp,
     lagrange, hessian) get their predicted damage from the sensitivity `score` (planner.sensitivity)."""
     evaluator = session.evaluator(problem)
+    if session.cluster is not None:
+        session.cluster.dispatcher.log = run.path / "workers.jsonl"   # per-worker throughput, utilisation
     done = {}
     for r in run.results():
         done[r.method] = done.get(r.method, 0) + 1

@@ -1,0 +1,154 @@
+"""The Ray executor: the in-process evaluator's interface (`evaluate(candidates) -> results`,
+`score(plan, windows)`, `on_scored`) on a pool of actors.
+
+Candidates are grouped by fidelity, as in-process; each group is cut into tasks (tasks.split:
+window batches first, which keeps the prefix cache whole, then candidate chunks when there are
+fewer batches than workers); the dispatcher hands tasks to idle actors longest first and takes
+them back in completion order; results come back in candidate order, bit-identical to the
+in-process evaluator's (per-batch sums folded in batch order).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from planner.distributed.dispatch import WorkerLost
+from planner.distributed.tasks import CostModel, Task, fold, lpt_order, split
+from planner.distributed.worker import Output, Work, WorkerSpec
+from planner.errors import PlannerError
+from planner.evaluate.kl import Scores
+from planner.plan import Plan
+from planner.search.base import Candidate, Result
+
+# the in-process evaluator's default batch: the fold order, hence bit-exactness, depends on it
+BATCH_WINDOWS = 4
+
+
+class RayBackend:
+    def __init__(self, ray, actors: list, key: str, problem_ref):
+        self.ray, self.actors, self.key, self.problem_ref = ray, actors, key, problem_ref
+
+    def submit(self, worker: int, work: Work):
+        return self.actors[worker].run.remote(self.key, self.problem_ref, work)
+
+    def wait(self, futures: list) -> list:
+        return self.ray.wait(futures, num_returns=1)[0]
+
+    def result(self, future):
+        exc = self.ray.exceptions
+        try:
+            return self.ray.get(future)
+        except exc.RayActorError as e:      # died, or unreachable while it restarts
+            raise WorkerLost(str(e).splitlines()[0][:200]) from None
+        except exc.RayTaskError as e:       # the task raised: a typed error is the caller's one line
+            if isinstance(e.cause, PlannerError):
+                raise e.cause from None
+            raise
+
+
+def cost_model(session, problem) -> CostModel:
+    cfg = session.loaded.model.config
+    n_blocks = int(cfg.num_hidden_layers)
+    per_block = problem.total_numel / max(n_blocks, 1)
+    return CostModel(np.asarray(problem.blocks or [0] * problem.n_units), n_blocks,
+                     cfg.vocab_size * cfg.hidden_size / per_block)
+
+
+class RayExecutor:
+    def __init__(self, cluster, session, problem):
+        import ray
+
+        spec = session.spec
+        actors = cluster.start(WorkerSpec(model=str(session.loaded.source), db_path=str(session.db.path),
+                                          windows=session.windows, dtype=spec.dtype, kl_topk=spec.kl_topk,
+                                          threads=cluster.spec.threads, trust_remote_code=spec.trust_remote_code))
+        self.problem, self.windows, self.cluster = problem, session.windows, cluster
+        self.cost = cost_model(session, problem)
+        self.backend = RayBackend(ray, actors, uuid.uuid4().hex, ray.put(problem))
+        self.on_scored = None      # called once per finished candidate (progress bars)
+        self.evaluations = 0
+
+    @property
+    def dispatcher(self):
+        return self.cluster.dispatcher
+
+    def summary(self) -> str:
+        return self.dispatcher.summary()
+
+    def _batches(self, windows: np.ndarray) -> list[np.ndarray]:
+        return [windows[s:s + BATCH_WINDOWS] for s in range(0, len(windows), BATCH_WINDOWS)]
+
+    def _scored(self, n: int = 1) -> None:
+        self.evaluations += n
+        for _ in range(n):
+            if self.on_scored is not None:
+                self.on_scored()
+
+    def evaluate(self, candidates: list[Candidate]) -> list[Result]:
+        """One Result per candidate, in order; failures reported, never raised."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(candidates):
+            groups.setdefault((c.fidelity.tokens, c.fidelity.seed), []).append(i)
+        members = list(groups.values())
+        windows = [self.windows.draw(t, s) for t, s in groups]
+        batches = [self._batches(w) for w in windows]
+        X = [np.array([candidates[i].x for i in m]) for m in members]
+        n = len(self.dispatcher.live) or 1
+        tasks = [t for g in range(len(members)) for t in split(g, X[g], len(batches[g]), n, self.cost)]
+        work = [Work(tuple(tuple(int(v) for v in X[t.group][i]) for i in t.members),
+                     tuple(batches[t.group][b] for b in t.batches)) for t in tasks]
+        left = {(t.group, i): 0 for t in tasks for i in t.members}
+        for t in tasks:
+            for i in t.members:
+                left[(t.group, i)] += 1
+
+        def done(k: int, _out) -> None:
+            t = tasks[k]
+            for i in t.members:
+                left[(t.group, i)] -= 1
+                if not left[(t.group, i)]:
+                    self._scored()
+
+        outputs = self.dispatcher.run(self.backend, work, lpt_order(tasks), done)
+        sums = [np.full((len(b), len(m), 2), np.nan) for b, m in zip(batches, members, strict=True)]
+        errors: dict[tuple[int, int], str] = {}
+        for k, t in enumerate(tasks):
+            _collect(t, outputs[k], sums[t.group], errors)
+        results: dict[int, Result] = {}
+        for g, m in enumerate(members):
+            for j, i in enumerate(m):
+                if (g, j) in errors:
+                    results[i] = Result(candidates[i], error=errors[(g, j)])
+                else:
+                    s = fold(sums[g][:, j], len(windows[g]), self.windows.seqlen)
+                    results[i] = Result(candidates[i], kl=s.kl, ppl=s.ppl)
+        return [results[i] for i in range(len(candidates))]
+
+    def score(self, plan: Plan | None, window_idx: np.ndarray) -> Scores:
+        """One plan (None: the base model) on explicit windows (held-out), split across workers."""
+        window_idx = np.asarray(window_idx)
+        batches = self._batches(window_idx)
+        tasks = split(0, None, len(batches), len(self.dispatcher.live) or 1, self.cost)
+        work = [Work(None, tuple(batches[b] for b in t.batches), plan) for t in tasks]
+        outputs = self.dispatcher.run(self.backend, work, lpt_order(tasks))
+        sums = np.full((len(batches), 1, 2), np.nan)
+        errors: dict[tuple[int, int], str] = {}
+        for k, t in enumerate(tasks):
+            _collect(t, outputs[k], sums, errors)
+        if errors:
+            raise PlannerError(f"scoring a plan failed: {next(iter(errors.values()))}")
+        self._scored()
+        return fold(sums[:, 0], len(window_idx), self.windows.seqlen)
+
+
+def _collect(t: Task, out: Output | WorkerLost, sums: np.ndarray, errors: dict[tuple[int, int], str]) -> None:
+    """Place one task's per-batch sums (or its failure) into its group's [batch, plan, 2] array."""
+    if isinstance(out, WorkerLost):
+        for i in t.members:
+            errors.setdefault((t.group, i), f"WorkerLost: a worker died on each of its attempts ({out})")
+        return
+    sums[np.ix_(list(t.batches), list(t.members))] = out.sums
+    for j, msg in out.errors.items():
+        errors.setdefault((t.group, t.members[j]), msg)
