@@ -38,6 +38,9 @@ class Method(str, enum.Enum):
 
 @dataclass(frozen=True)
 class LevelSpec:
+    """An integer-grid level (GPTQ or RTN): `bits` per code, one fp16 scale (and a `bits`-bit zero
+    point unless symmetric) per group of `group_size` input columns."""
+
     method: Method
     bits: int
     group_size: int
@@ -48,19 +51,50 @@ class LevelSpec:
         g = f"g{self.group_size}" if self.group_size > 0 else "pc"
         return f"{self.method.value}-b{self.bits}-{g}" + ("-sym" if self.symmetric else "")
 
+    @property
+    def builder(self) -> str:
+        return self.method.value
+
+    def _q(self):
+        from planner.levels.quant import QuantSpec
+
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def code_bits(self, shape: tuple[int, int]) -> int:
+        from planner.levels.quant import code_bits
+
+        return code_bits(shape, self._q())
+
+    def stored_bits(self, shape: tuple[int, int]) -> int:
+        from planner.levels.quant import stored_bits
+
+        return stored_bits(shape, self._q())
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """Bytes of the packed tensors as written: two bitstreams rounded up to bytes, fp16 scales."""
+        from planner.levels.pack import packed_nbytes
+        from planner.levels.quant import n_groups
+
+        groups = shape[0] * n_groups(shape[1], self.group_size)
+        zeros = 0 if self.symmetric else packed_nbytes(groups, self.bits)
+        return packed_nbytes(shape[0] * shape[1], self.bits) + 2 * groups + zeros
+
+    def to_json(self) -> dict:
+        return {"method": self.method.value, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric}
+
 
 @dataclass(frozen=True)
 class SearchSpace:
     name: str
     description: str
-    levels: tuple[LevelSpec, ...]
+    levels: tuple  # level specs (LevelSpec for integer grids; other builders bring their own)
     damp: float = 0.01
     block_size: int = 128
 
     def to_json(self) -> dict:
         return {"name": self.name, "damp": self.damp, "block_size": self.block_size,
-                "levels": [{"method": s.method.value, "bits": s.bits, "group_size": s.group_size,
-                            "symmetric": s.symmetric} for s in self.levels]}
+                "levels": [s.to_json() for s in self.levels]}
 
 
 def builtin_spaces() -> dict[str, Path]:
@@ -93,23 +127,14 @@ def parse_space(data, default_name: str = "space", where: str = "search space") 
     _need(data.get("units", "linear") == "linear", where, "units: only 'linear' (decoder-block linears) is supported")
     families = data.get("levels")
     _need(isinstance(families, list) and families, where, "'levels' must be a non-empty list of level families")
-    specs: list[LevelSpec] = []
+    from planner.levels.registry import BUILDERS  # builders register on `import planner.levels`
+
+    specs: list = []
     for i, fam in enumerate(families):
         at = f"{where}: levels[{i}]"
-        _need(isinstance(fam, dict), at, "must be a mapping with method, bits, group_size")
-        extra = set(fam) - {"method", "bits", "group_size", "symmetric"}
-        _need(not extra, at, f"unknown key(s) {sorted(extra)}; allowed: method, bits, group_size, symmetric")
-        methods = {m.value for m in Method}
-        _need(fam.get("method") in methods, at, f"method must be one of {sorted(methods)}, got {fam.get('method')!r}")
-        bits = fam.get("bits")
-        bits = [bits] if isinstance(bits, int) else bits
-        _need(isinstance(bits, list) and bits and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 8
-                                                      for b in bits), at, "bits must be an integer or list of integers in 1..8")
-        gs = fam.get("group_size", 128)
-        _need(isinstance(gs, int) and gs >= 0, at, "group_size must be a non-negative integer (0 = per channel)")
-        sym = fam.get("symmetric", False)
-        _need(isinstance(sym, bool), at, "symmetric must be true or false")
-        specs += [LevelSpec(Method(fam["method"]), b, gs, sym) for b in bits]
+        _need(isinstance(fam, dict), at, "must be a mapping with a method and its settings")
+        _need(fam.get("method") in BUILDERS, at, f"method must be one of {sorted(BUILDERS)}, got {fam.get('method')!r}")
+        specs += BUILDERS[fam["method"]].parse(fam, at)
     ids = [s.id for s in specs]
     _need(len(set(ids)) == len(ids), where, f"duplicate levels {sorted({i for i in ids if ids.count(i) > 1})}")
     gptq = data.get("gptq", {}) or {}

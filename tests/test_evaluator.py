@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import planner.levels.db as dbmod
+import planner.levels.quant_levels as qlevels
 from planner.budget import parse_budget
 from planner.data.windows import make_windows
 from planner.errors import BadDataset
@@ -48,7 +49,7 @@ def _mtimes(db: LevelsDB) -> dict[str, int]:
 def _spy(monkeypatch):
     """Record what build_levels quantizes: units whose Hessians are collected and GPTQ'd weights."""
     calls = {"hessian_units": [], "gptq_shapes": 0, "rtn": 0}
-    real_h, real_g, real_r = dbmod.collect_hessians, dbmod.gptq_quantize, dbmod.rtn_quantize
+    real_h, real_g, real_r = dbmod.collect_hessians, qlevels.gptq_quantize, qlevels.rtn_quantize
 
     def hessians(model, units, *a, **kw):
         calls["hessian_units"] += [u.name for u in units]
@@ -63,8 +64,8 @@ def _spy(monkeypatch):
         return real_r(W, *a, **kw)
 
     monkeypatch.setattr(dbmod, "collect_hessians", hessians)
-    monkeypatch.setattr(dbmod, "gptq_quantize", gptq)
-    monkeypatch.setattr(dbmod, "rtn_quantize", rtn)
+    monkeypatch.setattr(qlevels, "gptq_quantize", gptq)
+    monkeypatch.setattr(qlevels, "rtn_quantize", rtn)
     return calls
 
 
@@ -93,8 +94,9 @@ def test_second_build_reuses_without_quantizing(tiny_inputs, tmp_path, monkeypat
     def boom(*a, **kw):
         raise AssertionError("a complete levels DB must be reused, not rebuilt")
 
-    for name in ("collect_hessians", "gptq_quantize", "rtn_quantize"):
-        monkeypatch.setattr(dbmod, name, boom)
+    monkeypatch.setattr(dbmod, "collect_hessians", boom)
+    for name in ("gptq_quantize", "rtn_quantize"):
+        monkeypatch.setattr(qlevels, name, boom)
     second = _build(tiny_inputs, tmp_path)
     assert second.path == first.path
     assert _mtimes(second) == before

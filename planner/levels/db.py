@@ -23,14 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from planner.budget import Budget
-from planner.levels.gptq import gptq_quantize
 from planner.levels.hessian import collect_hessians
-from planner.levels.pack import packed_nbytes
-from planner.levels.quant import QuantizedWeight, QuantSpec, code_bits, n_groups, rtn_quantize, stored_bits
+from planner.levels.registry import BUILDERS, Builder, BuildOptions, Stored
 from planner.model.load import cache_root
 from planner.problem import Problem
 from planner.rundir import write_json
-from planner.space import LevelSpec, Method, SearchSpace
+from planner.space import SearchSpace
 from planner.units import Unit
 
 DB_SCHEMA = 1
@@ -43,6 +41,7 @@ class LevelInfo:
     code_bits: int     # total nominal code bits of the unit at this level
     stored_bits: int   # total stored bits: codes + scales + zeros
     nbytes: int        # bytes of the packed tensors as stored
+    builder: str       # which registered builder made it
 
 
 def levels_key(model_fingerprint: str, calib_ids: torch.Tensor, space: SearchSpace) -> str:
@@ -51,10 +50,6 @@ def levels_key(model_fingerprint: str, calib_ids: torch.Tensor, space: SearchSpa
                          "schema": DB_SCHEMA}, sort_keys=True).encode())
     h.update(calib_ids.numpy().astype(np.int64).tobytes())
     return h.hexdigest()[:16]
-
-
-def _quant_spec(spec: LevelSpec) -> QuantSpec:
-    return QuantSpec(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
 
 
 class LevelsDB:
@@ -68,13 +63,19 @@ class LevelsDB:
         return list(self.manifest["units"])
 
     def levels(self, unit: str) -> list[LevelInfo]:
-        return [LevelInfo(**lv) for lv in self.manifest["units"][unit]["levels"]]
+        # manifests written before the `builder` field held integer-grid levels named "<method>-..."
+        return [LevelInfo(**{"builder": lv["id"].split("-")[0], **lv}) for lv in self.manifest["units"][unit]["levels"]]
 
     def _file(self, unit: str) -> Path:
         return self.path / "units" / f"{unit}.safetensors"
 
-    def load(self, unit: str, level: str) -> QuantizedWeight:
-        return QuantizedWeight.from_tensors(load_file(self._file(unit)), level)
+    def _builder(self, unit: str, level: str) -> Builder:
+        info = next(lv for lv in self.levels(unit) if lv.id == level)
+        return BUILDERS[info.builder]
+
+    def load(self, unit: str, level: str) -> Stored:
+        """The stored compressed form (a QuantizedWeight for integer-grid levels)."""
+        return self._builder(unit, level).load(load_file(self._file(unit)), level)
 
     def weight(self, unit: str, level: str, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight, cached in memory (the evaluator swaps these in by reference)."""
@@ -82,7 +83,8 @@ class LevelsDB:
         if key not in self._dequantized:
             tensors = load_file(self._file(unit))
             for lv in self.levels(unit):  # one file read fills every level of the unit
-                self._dequantized[(unit, lv.id, dtype)] = QuantizedWeight.from_tensors(tensors, lv.id).dequantize(dtype)
+                stored = BUILDERS[lv.builder].load(tensors, lv.id)
+                self._dequantized[(unit, lv.id, dtype)] = stored.dequantize(dtype)
         return self._dequantized[key]
 
     def problem(self, units: list[Unit], budget: Budget) -> Problem:
@@ -99,15 +101,19 @@ class LevelsDB:
                        budget=budget, kinds=tuple(u.kind for u in units), blocks=tuple(u.block for u in units))
 
 
-def _quantize_unit(W: torch.Tensor, H: torch.Tensor | None, space: SearchSpace) -> dict[str, QuantizedWeight]:
-    out: dict[str, QuantizedWeight] = {}
-    gptq = [s for s in space.levels if s.method is Method.GPTQ]
-    if gptq:  # one factorization of H serves every bitwidth
-        qws = gptq_quantize(W, H, [_quant_spec(s) for s in gptq], percdamp=space.damp, block_size=space.block_size)
-        out.update({s.id: q for s, q in zip(gptq, qws, strict=True)})
+def _by_builder(space: SearchSpace) -> dict[str, list]:
+    groups: dict[str, list] = {}
     for s in space.levels:
-        if s.method is Method.RTN:
-            out[s.id] = rtn_quantize(W, _quant_spec(s))
+        groups.setdefault(s.builder, []).append(s)
+    return groups
+
+
+def _build_unit(W: torch.Tensor, H: torch.Tensor | None, space: SearchSpace) -> dict[str, Stored]:
+    """Every level of one unit; each builder gets all its specs at once (one factorization each)."""
+    opt = BuildOptions(damp=space.damp, block_size=space.block_size)
+    out: dict[str, Stored] = {}
+    for name, specs in _by_builder(space).items():
+        out.update(BUILDERS[name].build(W, H, specs, opt))
     return out
 
 
@@ -121,7 +127,7 @@ def build_levels(model: nn.Module, units: list[Unit], space: SearchSpace, calib_
         (path / "manifest.json").unlink()   # a unit file was lost: rebuild just the missing ones
     (path / "units").mkdir(parents=True, exist_ok=True)
     todo = [u for u in units if not (path / "units" / f"{u.name}.safetensors").is_file()]
-    needs_h = any(s.method is Method.GPTQ for s in space.levels) and todo
+    needs_h = any(BUILDERS[b].needs_hessian for b in _by_builder(space)) and todo
     hessians: dict[str, torch.Tensor] = {}
     if needs_h:
         with _bar(progress_factory, len(calib_ids), "hessians (windows)") as bar:
@@ -129,7 +135,7 @@ def build_levels(model: nn.Module, units: list[Unit], space: SearchSpace, calib_
     with _bar(progress_factory, len(units), "levels (units)", initial=len(units) - len(todo)) as bar:
         for u in todo:
             W = model.get_submodule(u.name).weight.detach().float()
-            qws = _quantize_unit(W, hessians.get(u.group), space)
+            qws = _build_unit(W, hessians.get(u.group), space)
             tensors: dict[str, torch.Tensor] = {}
             for level_id, q in qws.items():
                 tensors.update(q.to_tensors(level_id))
@@ -139,17 +145,10 @@ def build_levels(model: nn.Module, units: list[Unit], space: SearchSpace, calib_
             bar.update(1)
     manifest = {"schema": DB_SCHEMA, "space": space.to_json(), "units": {
         u.name: {"shape": list(u.shape), "levels": [
-            {"id": s.id, "code_bits": code_bits(u.shape, _quant_spec(s)), "stored_bits": stored_bits(u.shape, _quant_spec(s)),
-             "nbytes": _stored_nbytes(u.shape, _quant_spec(s))} for s in space.levels]} for u in units}}
+            {"id": s.id, "builder": s.builder, "code_bits": s.code_bits(u.shape), "stored_bits": s.stored_bits(u.shape),
+             "nbytes": s.nbytes(u.shape)} for s in space.levels]} for u in units}}
     write_json(path / "manifest.json", manifest)
     return LevelsDB(path)
-
-
-def _stored_nbytes(shape: tuple[int, int], spec: QuantSpec) -> int:
-    """Bytes of the packed tensors as written: two bitstreams rounded up to bytes, fp16 scales."""
-    groups = shape[0] * n_groups(shape[1], spec.group_size)
-    zeros = 0 if spec.symmetric else packed_nbytes(groups, spec.bits)
-    return packed_nbytes(shape[0] * shape[1], spec.bits) + 2 * groups + zeros
 
 
 class _NullBar:
