@@ -63,5 +63,5 @@ def test_fast_enough_on_a_real_layer(bits):
         t = time.perf_counter()
         out = unpack_codes(pack_codes(codes, bits), bits, codes.shape)
         best = min(best, time.perf_counter() - t)
-    assert best < 0.1
+    assert best < 1.0   # a guard against a per-element Python loop (~100x slower), not a benchmark
     assert torch.equal(out, codes)
