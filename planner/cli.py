@@ -92,12 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="find the best plan for a budget", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Build levels (cached), measure uniform baselines, search, and compare on held-out text.")
     s.add_argument("--budget", help="3.0bits (code bits per weight), 3.25bpw (stored bits incl. scales), or a size like 45MB")
-    s.add_argument("--method", default=None, help="evo (default), uniform, or a sensitivity method: ilp (exact knapsack "
+    s.add_argument("--method", default=None, help="evo (default), uniform, nsga2 / tpe (multi-objective: KL and size, "
+                   "--objectives), or a sensitivity method: ilp (exact knapsack "
                    "plan), lagrange (sweep of budgets), hessian (with --max-kl/--max-ppl-increase: bisection to the target)")
     s.add_argument("--schedule", default=None, help="evo racing schedule: cpu (default: 30 generations, 16 offspring, "
                    "4@512,1@2048), fast (EvoPress super-fast), paper (EvoPress defaults; needs --kl-topk and much text)")
-    s.add_argument("--generations", type=int, default=None, help="evo generations (overrides the schedule)")
-    s.add_argument("--offspring", type=int, default=None, help="evo offspring per generation (overrides the schedule)")
+    s.add_argument("--generations", type=int, default=None, help="evo / nsga2 generations (evo: overrides the schedule)")
+    s.add_argument("--offspring", type=int, default=None, help="evo / nsga2 offspring per generation (evo: overrides the schedule)")
+    s.add_argument("--pop-size", type=_positive, default=None, help="nsga2 population (default 24)")
+    s.add_argument("--trials", type=_positive, default=None, help="tpe: plans measured (default 200)")
+    s.add_argument("--objectives", default=None, help="nsga2 / tpe objectives: kl,size (nsga2 default: a front of "
+                   "KL vs size within the budget; size = the budget's metric), kl (tpe default), or kl,bits,bpw,bytes")
+    s.add_argument("--storage", default=None, help="tpe: also write the optuna study to sqlite:///study.db (or a journal "
+                   "file) for optuna-dashboard; a resumed run continues the same study")
+    s.add_argument("--study-name", default=None, help="tpe: the study's name in --storage (default: the run name)")
     s.add_argument("--stages", default=None, help="evo racing stages as survivors@tokens,... (overrides the schedule)")
     s.add_argument("--same-size-only", action="store_true", help="evo swaps bits only between units of one size (EvoPress's default)")
     s.add_argument("--evo-config", default=None, help="a JSON/YAML file of evo settings (generations, offspring, stages, max_switches, ...)")
@@ -141,9 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     _workers_args(e)
 
-    r = sub.add_parser("report", help="write the HTML report of a run")
-    r.add_argument("run", help="a run dir (runs/<name>)")
-    r.add_argument("--out", default=None, help="output file (default RUN/report.html)")
+    r = sub.add_parser("report", help="write the dashboard (HTML) or tables of one or more runs")
+    r.add_argument("run", nargs="+", help="run dir(s) (runs/<name>); several merge, one point per distinct plan")
+    r.add_argument("--format", default="html", choices=["html", "csv", "parquet", "markdown"],
+                   help="html (default: the dashboard), or tables: top plans, per-layer allocation, method comparison")
+    r.add_argument("--out", default=None, help="html: output file (default RUN/report.html, ./report.html for several "
+                   "runs); tables: output directory (default RUN/tables)")
+
+    d = sub.add_parser("dashboard", help="serve the dashboard on 127.0.0.1, refreshed while a search runs")
+    d.add_argument("run", nargs="+", help="run dir(s) (runs/<name>)")
+    d.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0: any free port)")
+    d.add_argument("--refresh", type=float, default=5.0, help="seconds between the page's polls (default 5)")
 
     x = sub.add_parser("export", help="write a plan in a format a serving engine loads",
                        description="Export a run's plan for llama.cpp, GPTQModel, vLLM (compressed-tensors) or the "
@@ -234,7 +250,7 @@ def cmd_search(args) -> int:
         from planner.sensitivity.plans import PROXY_METHODS, parse_score, target_config
 
         parse_score(args.score)
-        method_config = _evo_config(args) if method == "evo" else {}
+        method_config = _evo_config(args) if method == "evo" else _moo_config(args, method, args.name)
         if method in PROXY_METHODS:
             method_config = target_config(method, args.max_kl, args.max_ppl_increase, args.uniform_tokens or
                                           DEFAULTS["uniform_tokens"])
@@ -355,12 +371,48 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
-    from planner.report.html import write_report
-    from planner.rundir import RunDir
+def _moo_config(args, method: str, name: str | None) -> dict:
+    """nsga2 / tpe settings from flags; a flag that only another method reads is an error, not ignored."""
+    own = {"nsga2": ("generations", "offspring", "pop_size"), "tpe": ("trials", "storage", "study_name")}
+    for flag in ("pop_size", "trials", "storage", "study_name", "objectives"):
+        users = [m for m, flags in own.items() if flag in flags] or list(own)
+        if getattr(args, flag) is not None and method not in users:
+            raise PlannerError(f"--{flag.replace('_', '-')} applies to --method {' / '.join(users)}, not {method}")
+    if method not in own:
+        return {}
+    config = {k: getattr(args, k) for k in own[method] if getattr(args, k) is not None}
+    if args.objectives:
+        config["objectives"] = [o.strip() for o in args.objectives.split(",")]
+    if method == "tpe" and args.storage and not args.study_name and name:
+        config["study_name"] = name
+    return config
 
-    out = write_report(RunDir.open(args.run), Path(args.out) if args.out else None)
-    print(out)
+
+def cmd_report(args) -> int:
+    if args.format == "html":
+        from planner.report.dashboard import write_dashboard
+
+        print(write_dashboard(args.run, Path(args.out) if args.out else None))
+        return 0
+    from planner.report.tables import load_runs, write_tables
+
+    runs = load_runs(args.run)
+    for path in write_tables(runs, Path(args.out) if args.out else runs.runs[0].path / "tables", args.format):
+        print(path.read_text() if args.format == "markdown" else path)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from planner.report.serve import make_server
+
+    try:
+        server = make_server(args.run, args.port, args.refresh)
+    except OSError as e:
+        raise PlannerError(f"cannot listen on 127.0.0.1:{args.port} ({e.strerror}): pass another --port") from None
+    print(f"planner dashboard: http://127.0.0.1:{server.server_address[1]}/ (refreshes every {args.refresh:g} s; "
+          "Ctrl-C stops)", flush=True)
+    with server:
+        server.serve_forever()
     return 0
 
 
@@ -383,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         os.environ.setdefault("TQDM_DISABLE", "1")
     handler = {"search": cmd_search, "levels": cmd_levels, "eval": cmd_eval, "report": cmd_report,
-               "export": cmd_export, "sensitivity": cmd_sensitivity}[args.command]
+               "export": cmd_export, "sensitivity": cmd_sensitivity, "dashboard": cmd_dashboard}[args.command]
     try:
         return handler(args)
     except PlannerError as e:

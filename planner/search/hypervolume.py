@@ -123,10 +123,14 @@ def hypervolume(points: np.ndarray, ref: np.ndarray | None = None) -> float:
     return float(sum((zs[i] - P[i, -1]) * hypervolume(P[: i + 1, :-1], ref[:-1]) for i in range(len(P))))
 
 
+def points_hypervolume(problem: Problem, metrics: Sequence[Metric], kl, sizes: Sequence) -> float:
+    """Hypervolume of measured points (KL and one size column per metric) on `problem`'s scale."""
+    d = 1 + len(metrics)
+    return hypervolume(normalize(problem, metrics, kl, sizes), np.full(d, REF)) / REF**d
+
+
 def plans_hypervolume(problem: Problem, objectives: Sequence[Objective | str], xs: Sequence, kls: Sequence) -> float:
     """Hypervolume of plans (level vectors with their KL) on `objectives` of `problem`."""
     metrics = resolve(objectives, problem) or (problem.budget.metric,)
     costs = [problem.cost(x) for x in xs]
-    sizes = [[c.value(m) for c in costs] for m in metrics]
-    d = 1 + len(metrics)
-    return hypervolume(normalize(problem, metrics, kls, sizes), np.full(d, REF)) / REF**d
+    return points_hypervolume(problem, metrics, kls, [[c.value(m) for c in costs] for m in metrics])
