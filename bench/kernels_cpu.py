@@ -52,16 +52,6 @@ def rss() -> dict[str, int]:
     return {k: int(status[f"Rss{k.title()}"].split()[0]) * 1024 for k in ("anon", "file")}
 
 
-def _median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _load(cfg: dict):
     import torch
 
@@ -113,7 +103,9 @@ def worker(cfg: dict) -> dict:
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         return time.perf_counter() - t0
 
-    t_prefill = _median_time(prefill, cfg["runs"])
+    from planner.runtime.latency import median_seconds
+
+    t_prefill = median_seconds(prefill, cfg["runs"])
     t_decode = statistics.median([decode() for _ in range(max(3, cfg["runs"] // 2) + 1)][1:])  # first: warm-up
     used = rss()["anon"] - base["anon"]    # lazily built kernel forms (e.g. int4 scales per dtype) included
     return {"label": cfg["label"], "resident": resident, "resident_after": used, "file_backed": after["file"] - base["file"],

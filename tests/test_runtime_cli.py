@@ -35,10 +35,39 @@ def test_eval_real_matches_fake_quant(plan_file, data_args):  # noqa: F811
     assert real["ppl"] == pytest.approx(fake["ppl"], rel=1e-3)
 
 
-def test_search_real_runs_and_records_it(tmp_path, data_args, session_cache_dir):  # noqa: F811
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, data_args, session_cache_dir):  # noqa: F811
+    runs = tmp_path_factory.mktemp("runs")
     with cache_env(session_cache_dir):
         rc, out, err = run_cli(["search", *data_args, "--budget", "3.0bits", "--method", "uniform",
-                                "--uniform-tokens", "128", "--real", "--runs-dir", tmp_path, "--name", "real"])
+                                "--uniform-tokens", "128", "--real", "--runs-dir", runs, "--name", "real"])
     assert rc == 0, err
-    assert json.loads((tmp_path / "real" / "config.json").read_text())["real"] is True
-    assert json.loads((tmp_path / "real" / "best_plan.json").read_text())["heldout_kl"] >= 0
+    return runs / "real"
+
+
+def test_search_real_runs_and_records_it(real_run):
+    assert json.loads((real_run / "config.json").read_text())["real"] is True
+    assert json.loads((real_run / "best_plan.json").read_text())["heldout_kl"] >= 0
+
+
+def test_load_packed_export_into_the_runtime(real_run, tiny_sessions, tmp_path, session_cache_dir):
+    """`planner export --format packed` + `planner.runtime.load_packed` = the plan's fake-quant model."""
+    import torch
+
+    from planner.model.load import load_model
+    from planner.runtime import load_packed, packed_modules
+
+    with cache_env(session_cache_dir):
+        rc, out, err = run_cli(["export", real_run, "--format", "packed", "--out", tmp_path / "packed", "--dtype", "fp32"])
+    assert rc == 0, err
+    model = load_packed(tmp_path / "packed", dtype=torch.float32)
+    plan = Plan.load(real_run / "best_plan.json").as_dict()
+    assert set(packed_modules(model)) == set(plan)
+    session = tiny_sessions("fp32")
+    fake = load_model(session.spec.model).model
+    for u, level in plan.items():
+        fake.get_submodule(u).weight.data = session.db.weight(u, level, torch.float32)
+    ids = session.windows.ids[:2]
+    with torch.no_grad():
+        expect, got = fake(ids).logits, model(ids).logits
+    assert float((got - expect).abs().max()) <= 1e-4 * float(expect.abs().max())

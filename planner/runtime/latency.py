@@ -32,7 +32,8 @@ from planner.runtime.packed import PackedLinear
 DENSE = "dense"
 
 
-def _median_seconds(fn, reps: int) -> float:
+def median_seconds(fn, reps: int) -> float:
+    """Median wall time of `reps` calls after one warm-up call."""
     fn()
     times = []
     for _ in range(reps):
@@ -100,12 +101,12 @@ def measure_table(model: nn.Module, problem: Problem, db: LevelsDB, batches: tup
         nbytes = dense.weight.numel() * dense.weight.element_size() if kind == DENSE else mod.weight_nbytes
         for b in batches:
             x = torch.randn(b, shape[1], dtype=dtype, device=device)
-            table.rows[table.key(shape, kind, b)] = {"seconds": _median_seconds(lambda m=mod, x=x: m(x), reps),
+            table.rows[table.key(shape, kind, b)] = {"seconds": median_seconds(lambda m=mod, x=x: m(x), reps),
                                                        "bytes": nbytes}
     vocab = model.config.vocab_size
     for b in batches:
         ids = torch.randint(vocab, (1, b), device=device)   # one sequence of b tokens: the prefill shape
-        whole = _median_seconds(lambda ids=ids: model(ids, use_cache=False, logits_to_keep=1), max(3, reps // 2))
+        whole = median_seconds(lambda ids=ids: model(ids, use_cache=False, logits_to_keep=1), max(3, reps // 2))
         linears = sum(table.seconds(unit_shape(db, u), DENSE, b) for u in problem.units)
         table.rest[str(b)] = max(whole - linears, 0.0)
     return table
