@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offspring", type=int, default=None, help="evo / nsga2 offspring per generation (evo: overrides the schedule)")
     s.add_argument("--pop-size", type=_positive, default=None, help="nsga2 population (default 24)")
     s.add_argument("--trials", type=_positive, default=None, help="tpe: plans measured (default 200)")
+    s.add_argument("--tokens", type=_positive, default=None, help="nsga2 / tpe: tokens every plan is measured on "
+                   "(one fixed batch; default 1024)")
     s.add_argument("--objectives", default=None, help="nsga2 / tpe objectives: kl,size (nsga2 default: a front of "
                    "KL vs size within the budget; size = the budget's metric), kl (tpe default), or kl,bits,bpw,bytes")
     s.add_argument("--storage", default=None, help="tpe: also write the optuna study to sqlite:///study.db (or a journal "
@@ -250,7 +252,7 @@ def cmd_search(args) -> int:
         from planner.sensitivity.plans import PROXY_METHODS, parse_score, target_config
 
         parse_score(args.score)
-        method_config = _evo_config(args) if method == "evo" else _moo_config(args, method, args.name)
+        method_config = _moo_config(args, method, args.name) or (_evo_config(args) if method == "evo" else {})
         if method in PROXY_METHODS:
             method_config = target_config(method, args.max_kl, args.max_ppl_increase, args.uniform_tokens or
                                           DEFAULTS["uniform_tokens"])
@@ -284,7 +286,8 @@ def cmd_search(args) -> int:
 
         real_evaluator(session, problem)              # the session's evaluator from now on: packed kernels
     stages = cfg["method_config"].get("stages", [])
-    session.windows.draw(max([cfg["uniform_tokens"], *(t for _, t in stages)]), 0)  # fits the search pool?
+    session.windows.draw(max([cfg["uniform_tokens"], cfg["method_config"].get("tokens", 0), *(t for _, t in stages)]),
+                         0)  # fits the search pool?
     if not args.resume:
         run = RunDir.create(path, cfg)
         run.save_problem(problem)
@@ -373,8 +376,8 @@ def cmd_eval(args) -> int:
 
 def _moo_config(args, method: str, name: str | None) -> dict:
     """nsga2 / tpe settings from flags; a flag that only another method reads is an error, not ignored."""
-    own = {"nsga2": ("generations", "offspring", "pop_size"), "tpe": ("trials", "storage", "study_name")}
-    for flag in ("pop_size", "trials", "storage", "study_name", "objectives"):
+    own = {"nsga2": ("generations", "offspring", "pop_size", "tokens"), "tpe": ("trials", "storage", "study_name", "tokens")}
+    for flag in ("pop_size", "trials", "storage", "study_name", "objectives", "tokens"):
         users = [m for m, flags in own.items() if flag in flags] or list(own)
         if getattr(args, flag) is not None and method not in users:
             raise PlannerError(f"--{flag.replace('_', '-')} applies to --method {' / '.join(users)}, not {method}")

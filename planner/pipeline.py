@@ -157,6 +157,8 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
         config = proxy_inputs(session, problem, run, method, config, init, score, seed)
     if method == "evo" and config.get("init_x") is None:
         config["init_x"] = list(uniform.best() if init == "uniform" else problem.encode(Plan.load(init)))
+    if method in POPULATION_METHODS and not config.get("init_xs"):
+        config["init_xs"] = _seed_plans(session, problem, uniform, init, score, seed)
     searcher = make_searcher(method, problem, config, seed)
     total = _expected_evals(method, config, searcher)
     with _Progress(session, total, method, evaluator, done.get(method, 0)) as pr:
@@ -164,8 +166,27 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
     return searcher.best()
 
 
+POPULATION_METHODS = ("nsga2", "tpe")     # seeded with every uniform plan within budget (+ the --init plan)
+
+
+def _seed_plans(session: Session, problem: Problem, uniform, init: str, score: str | None, seed: int) -> list:
+    """The --init plan (a file, or hessian: the exact knapsack plan), then the uniform plans and
+    mixes within budget, lowest KL first: a population starts from every baseline."""
+    first = []
+    if init == "hessian":
+        first = [proxy_inputs(session, problem, None, "evo", {}, init, score, seed)["init_x"]]
+    elif init != "uniform":
+        first = [list(problem.encode(Plan.load(init)))]
+    ok = sorted((kl, x) for x, kl in uniform.results if math.isfinite(kl) and problem.feasible(x))
+    return first + [list(x) for _, x in ok]
+
+
 def _expected_evals(method: str, config: dict, searcher) -> int | None:
     c = getattr(searcher, "config", None)
+    if method == "nsga2" and c is not None:
+        return c.pop_size + (c.generations - 1) * (c.offspring or c.pop_size)
+    if method == "tpe" and c is not None:
+        return c.trials
     if method == "evo" and c is not None:
         per_gen = c.offspring + sum(s for s, _ in c.stages[:-1]) + 1
         return c.generations * per_gen
@@ -184,8 +205,10 @@ def measure(session: Session, problem: Problem, x, label: str, method: str) -> R
 
 
 def finish(session: Session, problem: Problem, run: RunDir, best_x, method: str) -> list[Row]:
-    """Held-out rows for the uniform levels within budget, the best uniform mix and the best plan;
-    then pareto.json and best_plan.json. Rows already measured (a resumed run) are reused."""
+    """Held-out rows for the uniform levels within budget, the best uniform mix and the best plan
+    (multi-objective runs: and up to 8 plans of the front merged over all the run's methods); then
+    pareto.json (the non-dominated held-out rows) and best_plan.json. Rows already measured (a
+    resumed run) are reused."""
     done = {r.label: r for r in run.heldout()}
     rows = [r for r in run.results() if r.method == "uniform" and r.error is None]
     wanted: list[tuple[str, tuple[int, ...], str]] = []
@@ -198,6 +221,7 @@ def finish(session: Session, problem: Problem, run: RunDir, best_x, method: str)
         m = min(mixes, key=lambda r: r.kl)
         wanted.append((f"best mix ({m.label.split(' ', 2)[2]})", tuple(m.x), "uniform"))
     wanted.append(("best", tuple(int(v) for v in best_x), method))
+    wanted += _front_plans(run, method)
     total = sum(1 for label, _, _ in wanted if label not in done)
     with session.bar(total=total, desc="held-out evaluation", unit="plan") as bar:
         for label, x, meth in wanted:
@@ -212,6 +236,22 @@ def finish(session: Session, problem: Problem, run: RunDir, best_x, method: str)
         bits=best.bits, bpw=best.bpw, bytes=best.bytes, heldout_kl=best.kl, heldout_ppl=best.ppl,
         heldout_tokens=best.tokens, method=method, budget=str(problem.budget)))
     return out
+
+
+def _front_plans(run: RunDir, method: str, n: int = 8) -> list[tuple[str, tuple[int, ...], str]]:
+    """Multi-objective runs: up to `n` plans of the search front (all methods of the run merged,
+    within budget), spread evenly over size, for held-out measurement ("front k/m")."""
+    from planner.report.tables import load_runs
+    from planner.search import make_config
+
+    if method not in POPULATION_METHODS or len(make_config(method, run.config.get("method_config")).objectives) < 2:
+        return []
+    runs = load_runs([run.path])
+    size = runs.budget.metric.value
+    front = runs.plans[runs.plans[f"front_{size}"]].sort_values(size)
+    pick = sorted({round(i * (len(front) - 1) / max(n - 1, 1)) for i in range(min(n, len(front)))})
+    return [(f"front {k + 1}/{len(pick)}", tuple(runs.xs[pid]), front.method[pid])
+            for k, pid in enumerate(front.index[pick])]
 
 
 def pareto(rows: list[Row]) -> list[Row]:
