@@ -8,7 +8,7 @@ BUDGET  ?= 3.0bits
 NAME    ?= default-$(shell date +%Y%m%d-%H%M%S)
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev run test test-fast lint bench clean
+.PHONY: setup setup-dev browser run test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
@@ -31,7 +31,15 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 run: setup
 	$(BIN)/planner search --budget $(BUDGET) --name $(NAME)
 
-test: setup-dev
+# The dashboard test drives a real headless Chromium (through playwright, never `playwright
+# install`). CI machines are fresh, root, with apt: install Debian's chromium once; elsewhere the
+# test is skipped with its reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "make: chromium not installed; the dashboard's browser test will be skipped"
+
+test: setup-dev browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup-dev
