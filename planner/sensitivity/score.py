@@ -81,11 +81,14 @@ class Sensitivity:
     damage: dict                 # unit -> level id -> predicted damage
 
     def rows(self, problem: Problem) -> list[list[float]]:
-        """Damage in a problem's ladder order: the `damage` config of the proxy searchers."""
+        """Damage in a problem's ladder order: the `damage` config of the proxy searchers.
+
+        Clipped at 0: every score estimates a non-negative quantity (the KL Hessian is PSD at the
+        base model), so a negative value is estimation noise on a unit that barely matters."""
         missing = [u for u in problem.units if u not in self.damage]
         if missing:
             raise PlannerError(f"sensitivity has no entry for unit {missing[0]!r}: recompute it for this model")
-        return [[float(self.damage[u][lv]) for lv in problem.levels[i]] for i, u in enumerate(problem.units)]
+        return [[max(0.0, float(self.damage[u][lv])) for lv in problem.levels[i]] for i, u in enumerate(problem.units)]
 
     def to_json(self) -> dict:
         return {"schema": SENS_SCHEMA, **asdict(self)}
