@@ -1,3 +1,5 @@
 """Levels: every unit's compressed forms. Importing this package registers the builders."""
 
+import planner.levels.formats  # noqa: F401  (registers format: super-block scales, nf/iq4nl/k-means grids)
+import planner.levels.gguf_levels  # noqa: F401  (registers gguf: llama.cpp tensor types as levels)
 from planner.levels import quant_levels  # noqa: F401  (registers gptq, rtn)
