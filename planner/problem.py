@@ -20,9 +20,15 @@ class Costs:
     bits: float      # nominal code bits per planned weight
     bpw: float       # stored bits per planned weight (scales/zeros included)
     nbytes: int      # stored bytes of the planned weights
+    density: float = 1.0   # kept (not pruned) fraction of the planned weights: 1 - sparsity
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
 
     def value(self, metric: Metric) -> float:
-        return {Metric.BITS: self.bits, Metric.BPW: self.bpw, Metric.BYTES: float(self.nbytes)}[metric]
+        return {Metric.BITS: self.bits, Metric.BPW: self.bpw, Metric.BYTES: float(self.nbytes),
+                Metric.DENSITY: self.density}[metric]
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +42,7 @@ class Problem:
     kinds: tuple[str, ...] = ()       # per unit kind ("q_proj", ...): lets operators restrict swaps
     blocks: tuple[int, ...] = ()      # per unit decoder-block index (for reports and position rules)
     ties: tuple[str, ...] = ()        # per unit tie-group id: units sharing a non-empty id take one level id
+    kept: np.ndarray | None = None    # [U, L] weights kept (not pruned) of unit u at level l; None: all
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +92,9 @@ class Problem:
         """[U, L] cost of each (unit, level) in the budget's additive currency (bits or bytes)."""
         if metric is Metric.BITS:
             return self.code_bits
+        if metric is Metric.DENSITY:      # kept weights: sparsity >= s  <=>  kept <= (1 - s) * numel
+            return self.kept if self.kept is not None else np.where(np.isnan(self.code_bits), np.nan,
+                                                                     self.numel[:, None].astype(np.float64))
         return self.stored_bits / 8.0 if metric is Metric.BYTES else self.stored_bits
 
     def cost(self, x) -> Costs:
@@ -92,23 +102,34 @@ class Problem:
         code = float(self.code_bits[idx].sum())
         stored = float(self.stored_bits[idx].sum())
         n = self.total_numel
-        return Costs(bits=code / n, bpw=stored / n, nbytes=int(np.ceil(stored / 8)))
+        kept = float(self.unit_cost(Metric.DENSITY)[idx].sum())
+        return Costs(bits=code / n, bpw=stored / n, nbytes=int(np.ceil(stored / 8)), density=kept / n)
+
+    def limit(self, b: Budget) -> float:
+        """One limit in the additive currency of `unit_cost(b.metric)` (total bits, bytes or kept weights)."""
+        return b.value if b.metric is Metric.BYTES else b.value * self.total_numel
 
     def budget_total(self) -> float:
         """The budget expressed in the additive currency of `unit_cost` (total bits or bytes)."""
-        b = self.budget
-        return b.value if b.metric is Metric.BYTES else b.value * self.total_numel
+        return self.limit(self.budget)
 
-    def spend(self, x) -> float:
-        """Total cost of x in the budget's additive currency."""
-        c = self.unit_cost(self.budget.metric)
+    def spend(self, x, metric: Metric | None = None) -> float:
+        """Total cost of x in the budget's additive currency (or in `metric`'s)."""
+        c = self.unit_cost(metric or self.budget.metric)
         return float(c[np.arange(self.n_units), np.asarray(x)].sum())
 
     def feasible(self, x) -> bool:
-        return self.spend(x) <= self.budget_total() * (1 + 1e-12)
+        """Every limit of the budget holds (`4.0bits,50%sparsity`: both)."""
+        return all(self.spend(x, b.metric) <= self.limit(b) * (1 + 1e-12) for b in self.budget.limits)
 
     def check_budget(self) -> None:
         """Raise BadBudget when no plan (or every plan) meets the budget."""
+        for b in self.budget.also:
+            lo = float(np.nansum(np.nanmin(self.unit_cost(b.metric), axis=1)))
+            if self.limit(b) < lo * (1 - 1e-12):
+                per = lo if b.metric is Metric.BYTES else lo / self.total_numel
+                raise BadBudget(f"budget limit {b} is beyond the cheapest plan ({_fmt(per, b)}): "
+                                "relax it or add lower levels to the search space")
         c = self.unit_cost(self.budget.metric)
         lo = float(np.nansum(np.nanmin(c, axis=1)))
         hi = float(np.nansum(np.nanmax(c, axis=1)))
@@ -117,7 +138,7 @@ class Problem:
             cheapest = self.cost(np.zeros(self.n_units, dtype=int)).value(self.budget.metric)
             raise BadBudget(f"budget {self.budget} is below the cheapest plan ({_fmt(cheapest, self.budget)}): "
                             "raise the budget or add lower levels to the search space")
-        if total > hi * (1 + 1e-12):
+        if total > hi * (1 + 1e-12) and not self.budget.also:
             top = self.cost(self.n_levels - 1).value(self.budget.metric)
             raise BadBudget(f"budget {self.budget} is above the most expensive plan ({_fmt(top, self.budget)}): "
                             "nothing to search; lower the budget or add higher levels")

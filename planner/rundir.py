@@ -75,7 +75,10 @@ def problem_to_json(p: Problem) -> dict:
     return {"units": list(p.units), "numel": p.numel.tolist(), "levels": [list(lv) for lv in p.levels],
             "code_bits": _nan_to_none(p.code_bits), "stored_bits": _nan_to_none(p.stored_bits),
             "budget": {"value": p.budget.value, "metric": p.budget.metric.value}, "kinds": list(p.kinds),
-            "blocks": list(p.blocks), **({"ties": list(p.ties)} if p.ties else {})}
+            "blocks": list(p.blocks), **({"ties": list(p.ties)} if p.ties else {}),
+            **({"kept": _nan_to_none(p.kept)} if p.kept is not None else {}),
+            **({"budget_also": [{"value": b.value, "metric": b.metric.value} for b in p.budget.also]}
+               if p.budget.also else {})}
 
 
 def problem_from_json(d: dict) -> Problem:
@@ -84,8 +87,10 @@ def problem_from_json(d: dict) -> Problem:
     return Problem(units=tuple(d["units"]), numel=np.array(d["numel"], dtype=np.int64),
                    levels=tuple(tuple(lv) for lv in d["levels"]), code_bits=arr(d["code_bits"]),
                    stored_bits=arr(d["stored_bits"]),
-                   budget=Budget(d["budget"]["value"], Metric(d["budget"]["metric"])), kinds=tuple(d.get("kinds", ())),
-                   blocks=tuple(d.get("blocks", ())), ties=tuple(d.get("ties", ())))
+                   budget=Budget(d["budget"]["value"], Metric(d["budget"]["metric"]),
+                                 tuple(Budget(b["value"], Metric(b["metric"])) for b in d.get("budget_also", ()))),
+                   kinds=tuple(d.get("kinds", ())), blocks=tuple(d.get("blocks", ())), ties=tuple(d.get("ties", ())),
+                   kept=arr(d["kept"]) if "kept" in d else None)
 
 
 class RunDir:

@@ -30,6 +30,23 @@ def _raise_deltas(x: np.ndarray, c: np.ndarray, top: np.ndarray) -> np.ndarray:
     return np.where(x < top, c[rows, up] - c[rows, x], np.inf)
 
 
+def _step(x: np.ndarray, u: int, by: int) -> np.ndarray:
+    y = x.copy()
+    y[u] += by
+    return y
+
+
+def _eases(x: np.ndarray, problem: Problem) -> np.ndarray:
+    """[U] bool: a one-step lowering of the unit lowers the spend of some broken limit."""
+    rows, lower = np.arange(len(x)), np.maximum(x - 1, 0)
+    out = np.zeros(len(x), dtype=bool)
+    for b in problem.budget.limits:
+        if problem.spend(x, b.metric) > problem.limit(b) * (1 + _REL_TOL):
+            c = np.nan_to_num(problem.unit_cost(b.metric), nan=np.inf)
+            out |= c[rows, lower] < c[rows, x]
+    return out
+
+
 def fill_slack(x: np.ndarray, problem: Problem, rng: np.random.Generator) -> np.ndarray:
     """Raise random units one step while any raise still fits, so plans end near the budget."""
     x = np.array(x, dtype=np.int64)
@@ -37,6 +54,8 @@ def fill_slack(x: np.ndarray, problem: Problem, rng: np.random.Generator) -> np.
     spend = problem.spend(x)
     while True:
         fits = np.flatnonzero(spend + _raise_deltas(x, c, top) <= limit)
+        if problem.budget.also:      # further limits (4.0bits,50%sparsity): a raise must keep them too
+            fits = np.array([u for u in fits if problem.feasible(_step(x, u, 1))], dtype=np.int64)
         if fits.size == 0:
             return x
         u = int(rng.choice(fits))
@@ -58,6 +77,8 @@ def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] 
     frozen_mask[list(frozen)] = True
     while not problem.feasible(x):
         down = x > 0
+        if problem.budget.also:      # lower only units whose step down eases a limit that is broken
+            down &= _eases(x, problem)
         if not down.any():
             return x             # the all-cheapest plan is over budget: nothing can fix it here
         pool = np.flatnonzero(down & ~frozen_mask)
