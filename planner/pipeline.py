@@ -94,6 +94,11 @@ def prepare(spec: ModelData, space: SearchSpace, quiet: bool = False, cluster=No
     text = load_text(spec.dataset, spec.text_field)
     windows = make_windows(tokenize(loaded.tokenizer, text), spec.seqlen, spec.calib_tokens, spec.eval_tokens, spec.seed)
     session = Session(spec, loaded, units, windows, space, db=None, quiet=quiet, cluster=cluster)  # type: ignore[arg-type]
+    if any(u.expert >= 0 for u in units):   # MoE experts: levels from the tokens routed to each (planner/moe)
+        from planner.moe.levels import build_expert_levels
+
+        build_expert_levels(loaded.model, units, space, windows.ids[windows.calib], fingerprint(loaded.model),
+                            progress_factory=lambda **kw: session.bar(**kw))
     build = build_levels
     if cluster is not None:
         from functools import partial
