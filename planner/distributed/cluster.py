@@ -17,7 +17,7 @@ fixture, a notebook) is used as it is and left running.
 from __future__ import annotations
 
 import logging
-import weakref
+import time
 from dataclasses import dataclass
 
 from planner.distributed.dispatch import Dispatcher
@@ -25,7 +25,7 @@ from planner.errors import PlannerError
 
 log = logging.getLogger(__name__)
 
-_OPEN: weakref.WeakSet = weakref.WeakSet()
+_OPEN: set = set()      # strong references: a session may be gone before shutdown() runs
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Cluster:
             if spec.address:
                 ray.init(address=spec.address, logging_level=logging.WARNING)
             else:   # "local": never attach to someone else's `ray start` on this machine by accident
-                ray.init(address="local", num_cpus=(spec.workers or 1) * spec.threads, **kw)
+                ray.init(address="local", num_cpus=(spec.workers or 1) * spec.threads, dashboard_port=_free_port(), **kw)
         res = ray.cluster_resources()
         self.gpus = spec.gpus if spec.gpus is not None else (1.0 if res.get("GPU", 0) >= 1 else 0.0)
         self.size = spec.workers or max(1, int(res.get("GPU", 0) / self.gpus if self.gpus else
@@ -74,7 +74,7 @@ class Cluster:
         """The actors for `worker_spec` (planner.distributed.worker.WorkerSpec), started once."""
         if self.actors and worker_spec == self._worker_spec:
             return self.actors
-        self._stop_actors()
+        self.release()
         ray = _ray()
         from planner.distributed.worker import EvalWorker
 
@@ -86,11 +86,11 @@ class Cluster:
         try:
             infos = ray.get([a.info.remote() for a in self.actors], timeout=self.spec.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            self._stop_actors()
+            self.release()
             raise PlannerError(f"{self.size} workers did not start within {self.spec.start_timeout_s:.0f} s: the cluster "
                                f"has {ray.cluster_resources()}; ask for fewer --workers") from None
         except ray.exceptions.RayActorError as e:
-            self._stop_actors()
+            self.release()
             raise PlannerError(f"a worker failed to start ({_first_line(e)}): are the model folder and the levels "
                                "DB on storage every node can read?") from None
         for stats, info in zip(self.dispatcher.stats, infos, strict=True):
@@ -103,11 +103,20 @@ class Cluster:
 
         return RayExecutor(self, session, problem)
 
-    def pids(self) -> list[int]:
-        """Current process id of every actor (a restarted actor has a new one)."""
-        return [i["pid"] for i in _ray().get([a.info.remote() for a in self.actors])]
+    def pids(self, timeout_s: float = 120.0) -> list[int]:
+        """Current process id of every actor (a restarted actor has a new one; one that is still
+        restarting is waited for)."""
+        ray, t0 = _ray(), time.monotonic()
+        while True:
+            try:
+                return [i["pid"] for i in ray.get([a.info.remote() for a in self.actors])]
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() - t0 > timeout_s:
+                    raise
+                time.sleep(0.5)
 
-    def _stop_actors(self) -> None:
+    def release(self) -> None:
+        """Stop the actors (they hold the cluster's CPUs/GPUs); `start` makes new ones."""
         ray = _ray()
         for a in self.actors:
             ray.kill(a, no_restart=True)
@@ -116,7 +125,7 @@ class Cluster:
     def close(self) -> None:
         ray = _ray()
         if ray.is_initialized():
-            self._stop_actors()
+            self.release()
             if self.owned:
                 ray.shutdown()
         _OPEN.discard(self)
@@ -126,6 +135,15 @@ def shutdown() -> None:
     """Close every cluster this process opened (actors killed; a Ray started here shut down)."""
     for c in list(_OPEN):
         c.close()
+
+
+def _free_port() -> int:
+    """A free local port for the (minimal) dashboard head: two Rays on one machine must not share one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,20 +11,18 @@ blocks, no lm_head), and quantizes them. Numerics equal a serial build at the sa
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from planner.levels.db import LevelsDB, _build_unit, _by_builder, build_levels, levels_key
+from planner.levels.db import LevelsDB, _build_unit, _by_builder, build_levels, levels_key, write_unit
 from planner.levels.hessian import collect_hessians
 from planner.levels.registry import BUILDERS
 from planner.model.load import cache_root, load_model
 from planner.space import SearchSpace
-from planner.units import Unit, find_units
+from planner.units import Unit
 
 
 class _Prefix(nn.Module):
@@ -48,31 +46,21 @@ class _Prefix(nn.Module):
             decoder.layers = layers
 
 
-def quantize_units(model_src: str, names: list[str], space: SearchSpace, calib_ids: torch.Tensor, path: str,
+def quantize_units(model_src: str, units: list[Unit], space: SearchSpace, calib_ids: torch.Tensor, path: str,
                    threads: int = 1, trust_remote_code: bool = False) -> tuple[list[str], float]:
-    """Worker side: quantize the units `names` at every level of `space` into `path`/units/."""
+    """Worker side: quantize `units` at every level of `space` into `path`/units/ (the serial
+    builder's per-unit step, on this worker's share)."""
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
-    model = load_model(model_src, torch.float32, trust_remote_code).model
-    wanted = set(names)
-    units = [u for u in find_units(model) if u.name in wanted]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # GPU path written to spec, not run here
+    model = load_model(model_src, torch.float32, trust_remote_code).model.to(device)
     hessians: dict[str, torch.Tensor] = {}
     if any(BUILDERS[b].needs_hessian for b in _by_builder(space)):
-        hessians = collect_hessians(_Prefix(model, max(u.block for u in units) + 1), units, calib_ids)
+        hessians = collect_hessians(_Prefix(model, max(u.block for u in units) + 1), units, calib_ids.to(device))
     for u in units:
-        qws = _build_unit(model.get_submodule(u.name).weight.detach().float(), hessians.get(u.group), space)
-        _write_unit(Path(path), u.name, qws)
+        W = model.get_submodule(u.name).weight.detach().float()
+        write_unit(Path(path), u, _build_unit(W, hessians.get(u.group), space, u))   # safetensors copies to host
     return [u.name for u in units], time.perf_counter() - t0
-
-
-def _write_unit(path: Path, name: str, qws: dict) -> None:
-    """Atomic, as the serial builder's; the temp name carries the pid so that two processes that
-    ever write one unit (a retried task whose first attempt still runs) never share a temp file."""
-    tensors = {k: v for level, q in qws.items() for k, v in q.to_tensors(level).items()}
-    final = path / "units" / f"{name}.safetensors"
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, final)
 
 
 def by_blocks(units: list[Unit], parts: int) -> list[list[Unit]]:
@@ -98,11 +86,12 @@ def build_levels_distributed(cluster, model_src: str, model: nn.Module, units: l
 
     path = (root or cache_root() / "levels") / levels_key(model_fingerprint, calib_ids, space)
     todo = [u for u in units if not (path / "units" / f"{u.name}.safetensors").is_file()]
-    if todo:
+    if todo and not space.sequential:   # sequential spaces quantize block after block: serial only
+        cluster.release()      # evaluation actors would hold the CPUs/GPUs these tasks need
         (path / "units").mkdir(parents=True, exist_ok=True)
         task = ray.remote(quantize_units).options(num_cpus=cluster.spec.threads, num_gpus=cluster.gpus, max_retries=3)
         calib = ray.put(calib_ids)
-        refs = {task.remote(model_src, [u.name for u in part], space, calib, str(path), cluster.spec.threads,
+        refs = {task.remote(model_src, part, space, calib, str(path), cluster.spec.threads,
                             trust_remote_code): len(part) for part in by_blocks(todo, cluster.size)}
         bar = progress_factory(total=len(units), desc=f"levels (units, {len(refs)} workers)",
                                initial=len(units) - len(todo)) if progress_factory else None

@@ -64,6 +64,18 @@ class Task:
     cost: float                # estimated, in full forwards of one batch
 
 
+def _balanced(suffix: np.ndarray, parts: int) -> list[list[int]]:
+    """Candidates dealt into `parts` chunks of about equal suffix cost (longest first, to the
+    lightest chunk): contiguous slices would leave one worker with all the long suffixes."""
+    bins: list[list[int]] = [[] for _ in range(parts)]
+    load = np.zeros(parts)
+    for i in np.argsort(-suffix, kind="stable"):
+        j = int(load.argmin())
+        bins[j].append(int(i))
+        load[j] += suffix[i]
+    return [sorted(b) for b in bins if b]
+
+
 def _chunks(n: int, parts: int) -> list[range]:
     edges = np.linspace(0, n, parts + 1).round().astype(int)
     return [range(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
@@ -74,10 +86,10 @@ def split(group: int, X: np.ndarray | None, n_batches: int, workers: int, cost: 
     window batches, scored on `workers` workers."""
     suffix = cost.suffixes(X) if X is not None and len(X) > 1 else np.ones(1 if X is None else len(X))
     K = len(suffix)
-    best: tuple[float, int, list[range], list[float], list[range]] | None = None
+    best: tuple[float, int, list[list[int]], list[float], list[range]] | None = None
     for c in sorted({*range(1, min(K, workers) + 1), K}):
-        members = _chunks(K, c)
-        per_batch = [cost.chunk(suffix[list(m)]) for m in members]
+        members = _balanced(suffix, c)
+        per_batch = [cost.chunk(suffix[m]) for m in members]
         for b in range(1, min(n_batches, 2 * workers) + 1):
             runs = _chunks(n_batches, b)
             n_tasks = len(members) * len(runs)

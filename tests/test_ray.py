@@ -1,0 +1,131 @@
+"""The Ray executor on a local Ray with 2 CPU workers, tiny model, fp32: the same results as the
+in-process evaluator (bit for bit), the same final plan when a worker is killed by its pid in the
+middle of a search, and `planner search --workers 2` end to end (workers.jsonl)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+
+import numpy as np
+import pytest
+
+from planner.budget import parse_budget
+from planner.rundir import RunDir
+from planner.search.base import Candidate, Fidelity
+from planner.search.operators import level_switch
+
+from .conftest import TINY_CALIB_TOKENS, TINY_EVAL_TOKENS, TINY_SEQLEN, cache_env, torch_threads
+from .test_cli import run_cli
+
+ray = pytest.importorskip("ray")
+
+from planner.distributed import Cluster, ClusterSpec  # noqa: E402
+
+EVO = {"generations": 2, "offspring": 3, "stages": [[2, 64], [1, 128]]}
+SEARCH = ["--budget", "3.0bits", "--generations", "2", "--offspring", "3", "--stages", "2@64,1@128",
+          "--uniform-tokens", "128", "--dtype", "fp32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray (2 CPUs) for the module; the Cluster joins it and leaves it running."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, dashboard_port=free_port(),
+             logging_level="WARNING")
+    c = Cluster(ClusterSpec(workers=2))
+    assert not c.owned and c.size == 2
+    yield c
+    c.close()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sessions(tiny_sessions, cluster):
+    """(in-process session, the same session on the Ray workers); fp32."""
+    s = tiny_sessions("fp32")
+    return s, dataclasses.replace(s, cluster=cluster, _evaluator=None)
+
+
+def test_same_results_as_in_process(sessions, one_thread):
+    local, remote = sessions
+    problem = local.problem(parse_budget("3.0bits"))
+    rng = np.random.default_rng(0)
+    parent = np.full(problem.n_units, 1)
+    xs = [tuple(int(v) for v in level_switch(parent, problem, rng, 1)) for _ in range(6)] + [tuple(parent.tolist())]
+    # 64 tokens: one batch, candidates split; 1024 tokens: 4 batches, windows split; a lone plan
+    cands = [Candidate(x, Fidelity(t, s)) for t, s in ((128, 1), (1024, 2), (64, 3)) for x in xs]
+    cands.append(Candidate(xs[2], Fidelity(256, 4)))
+    want = local.evaluator(problem).evaluate(cands)
+    ev = remote.evaluator(problem)
+    got = ev.evaluate(cands)
+    assert [r.candidate for r in got] == cands
+    assert [(r.kl, r.ppl, r.error) for r in got] == [(r.kl, r.ppl, r.error) for r in want]
+    held = local.windows.heldout
+    for plan in (problem.decode(xs[0]), None):
+        assert ev.score(plan, held) == local.evaluator(problem).score(plan, held)
+    assert ev.evaluations == len(cands) + 2 and "w0" in ev.summary() and "w1" in ev.summary()
+
+
+def _search(session, path):
+    from planner.pipeline import run_method
+
+    problem = session.problem(parse_budget("3.0bits"))
+    run = RunDir.create(path, {"method": "evo"})
+    best = run_method(session, problem, run, "evo", EVO, seed=0, uniform_tokens=128)
+    return best, run.results()
+
+
+def test_a_worker_killed_mid_search_does_not_change_the_plan(sessions, tmp_path, one_thread):
+    local, remote = sessions
+    cluster = remote.cluster
+    want_best, want_rows = _search(local, tmp_path / "local")
+    pids = cluster.pids()
+    submitted = []
+
+    def kill_once(worker: int, task: int) -> None:
+        submitted.append(worker)
+        if len(submitted) == 5:       # the worker has just been handed a task: it dies holding it
+            os.kill(cluster.dispatcher.stats[worker].pid, signal.SIGKILL)
+
+    cluster.dispatcher.on_submit = kill_once
+    try:
+        best, rows = _search(remote, tmp_path / "ray")
+    finally:
+        cluster.dispatcher.on_submit = None
+    assert sum(s.deaths for s in cluster.dispatcher.stats) >= 1
+    assert cluster.pids() != pids                                   # an actor was restarted
+    assert best == want_best
+    key = [(r.method, r.generation, r.stage, r.tokens, r.seed, tuple(r.x), r.kl, r.ppl) for r in rows]
+    assert key == [(r.method, r.generation, r.stage, r.tokens, r.seed, tuple(r.x), r.kl, r.ppl) for r in want_rows]
+    workers = [json.loads(line) for line in (tmp_path / "ray" / "workers.jsonl").read_text().splitlines()]
+    assert {w["worker"] for w in workers} == {0, 1} and any(w["deaths"] for w in workers)
+
+
+def test_cli_search_with_workers(cluster, tiny_model_dir, tiny_text_file, tiny_space_file, session_cache_dir,
+                                 tmp_path):
+    cluster.release()           # the CLI starts its own two actors on the module's Ray (2 CPUs)
+    data = ["--model", tiny_model_dir, "--dataset", tiny_text_file, "--space", tiny_space_file,
+            "--seqlen", TINY_SEQLEN, "--calib-tokens", TINY_CALIB_TOKENS, "--eval-tokens", TINY_EVAL_TOKENS,
+            "--threads", "1", "-q", "--runs-dir", tmp_path]
+    with cache_env(session_cache_dir), torch_threads(1):
+        rc, out, err = run_cli(["search", *data, *SEARCH, "--name", "local"])
+        assert rc == 0, err
+        rc, out, err = run_cli(["search", *data, *SEARCH, "--name", "ray", "--workers", "2"])
+    assert rc == 0, err
+    assert "best (evo) *" in out
+    local, remote = RunDir.open(tmp_path / "local"), RunDir.open(tmp_path / "ray")
+    assert json.loads((tmp_path / "ray" / "best_plan.json").read_text()) == \
+        json.loads((tmp_path / "local" / "best_plan.json").read_text())
+    assert [(r.x, r.kl) for r in remote.results()] == [(r.x, r.kl) for r in local.results()]
+    rows = [json.loads(line) for line in (tmp_path / "ray" / "workers.jsonl").read_text().splitlines()]
+    assert {r["worker"] for r in rows} == {0, 1} and rows[-1]["tasks"] > 0 and rows[-1]["tokens_per_s"] > 0
+    assert ray.is_initialized()     # a Ray the CLI did not start is left running
