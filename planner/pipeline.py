@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -27,8 +28,8 @@ from planner.problem import Problem
 from planner.rundir import Row, RunDir
 from planner.search import make_searcher, run_search
 from planner.sensitivity import needs_sensitivity, proxy_inputs
-from planner.space import SearchSpace
-from planner.units import Unit, find_units
+from planner.space import SearchSpace, Tie
+from planner.units import Unit, plan_units
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class Session:
 
     def problem(self, budget: Budget) -> Problem:
         p = self.db.problem(self.units, budget)
+        if self.space.tie is Tie.FUSED:     # the space ties fused groups (q/k/v, gate/up) to one level
+            p = dataclasses.replace(p, ties=tuple(u.group for u in self.units), _index={})
         p.check_budget()
         return p
 
@@ -90,7 +93,7 @@ def prepare(spec: ModelData, space: SearchSpace, quiet: bool = False, cluster=No
 
         transformers.utils.logging.disable_progress_bar()
     loaded = load_model(spec.model, dtype=torch.float32, trust_remote_code=spec.trust_remote_code)
-    units = find_units(loaded.model)
+    units = plan_units(loaded.model, space.units.value)
     text = load_text(spec.dataset, spec.text_field)
     windows = make_windows(tokenize(loaded.tokenizer, text), spec.seqlen, spec.calib_tokens, spec.eval_tokens, spec.seed)
     session = Session(spec, loaded, units, windows, space, db=None, quiet=quiet, cluster=cluster)  # type: ignore[arg-type]

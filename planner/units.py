@@ -18,6 +18,9 @@ class Unit:
     block: int
     kind: str                 # "q_proj", ...
     group: str                # fused group id within the block, e.g. "3.qkv"
+    # a sub-block unit (`units: subblock`): (module, shape) of every linear it stands for; its
+    # name is the sub-block's output linear, its numel and level costs are summed over these
+    parts: tuple[tuple[str, tuple[int, int]], ...] = ()
     # a MoE expert's matrix: its index in the block's experts (-1: not an expert). Fused 3-D expert
     # tensors have no module per expert: `planner.moe.experts.unit_weight` resolves such names
     expert: int = -1
@@ -55,3 +58,31 @@ def find_units(model: nn.Module) -> list[Unit]:
 
             units += moe_block_units(model, fam, i)
     return units
+
+
+def subblock_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
+    """One unit per attention / MLP sub-block of every block (the family table's `subblocks`),
+    named after its output linear (o_proj, down_proj), whose weight its levels replace."""
+    fam = family_of(model.config.model_type)
+    if fam is None or not fam.subblocks:
+        raise BadModel(f"model type {model.config.model_type!r} has no sub-block layout in the family table")
+    by_kind = {(u.block, u.kind): u for u in units}
+    out = []
+    for block in sorted({u.block for u in units}):
+        for sub, kinds in fam.subblocks:
+            members = [by_kind[(block, k)] for k in kinds]
+            carrier = members[-1]
+            out.append(Unit(carrier.name, carrier.shape, sum(m.numel for m in members), block, sub, f"{block}.{sub}",
+                            tuple((m.name, m.shape) for m in members)))
+    return out
+
+
+def plan_units(model: nn.Module, grouping: str = "linear") -> list[Unit]:
+    """The units a search space plans: `linear` (every decoder-block linear) or `subblock`."""
+    units = find_units(model)
+    return subblock_units(model, units) if grouping == "subblock" else units
+
+
+def cost_shapes(unit: Unit) -> list[tuple[int, int]]:
+    """The shapes a level's cost is summed over: the unit's own, or its sub-block's linears."""
+    return [shape for _, shape in unit.parts] or [unit.shape]

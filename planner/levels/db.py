@@ -29,7 +29,7 @@ from planner.model.load import cache_root
 from planner.problem import Problem
 from planner.rundir import write_json
 from planner.space import SearchSpace
-from planner.units import Unit
+from planner.units import Unit, cost_shapes
 
 DB_SCHEMA = 1
 BUILDER_VERSION = "1"   # bump when a builder's numerics change: old databases stop matching
@@ -42,6 +42,7 @@ class LevelInfo:
     stored_bits: int   # total stored bits: codes + scales + zeros
     nbytes: int        # bytes of the packed tensors as stored
     builder: str       # which registered builder made it
+    kept: int | None = None   # weights kept (not pruned); None in manifests from before pruning levels: all
 
 
 def levels_key(model_fingerprint: str, calib_ids: torch.Tensor, space: SearchSpace) -> str:
@@ -93,33 +94,56 @@ class LevelsDB:
         width = max(len(lad) for lad in ladders)
         code = np.full((len(units), width), np.nan)
         stored = np.full((len(units), width), np.nan)
+        kept = np.full((len(units), width), np.nan)
         for i, lad in enumerate(ladders):
             code[i, :len(lad)] = [lv.code_bits for lv in lad]
             stored[i, :len(lad)] = [lv.stored_bits for lv in lad]
+            kept[i, :len(lad)] = [units[i].numel if lv.kept is None else lv.kept for lv in lad]
         return Problem(units=tuple(u.name for u in units), numel=np.array([u.numel for u in units], dtype=np.int64),
                        levels=tuple(tuple(lv.id for lv in lad) for lad in ladders), code_bits=code, stored_bits=stored,
-                       budget=budget, kinds=tuple(u.kind for u in units), blocks=tuple(u.block for u in units))
+                       budget=budget, kinds=tuple(u.kind for u in units), blocks=tuple(u.block for u in units),
+                       kept=kept)
 
 
-def _by_builder(space: SearchSpace) -> dict[str, list]:
+def _by_builder(space: SearchSpace, specs: tuple | None = None) -> dict[str, list]:
     groups: dict[str, list] = {}
-    for s in space.levels:
+    for s in space.all_levels if specs is None else specs:
         groups.setdefault(s.builder, []).append(s)
     return groups
 
 
-def _build_unit(W: torch.Tensor, H: torch.Tensor | None, space: SearchSpace) -> dict[str, Stored]:
+def _build_unit(W: torch.Tensor, H: torch.Tensor | None, space: SearchSpace, unit: Unit | None = None) -> dict[str, Stored]:
     """Every level of one unit; each builder gets all its specs at once (one factorization each)."""
     opt = BuildOptions(damp=space.damp, block_size=space.block_size)
     out: dict[str, Stored] = {}
-    for name, specs in _by_builder(space).items():
+    for name, specs in _by_builder(space, space.levels if unit is None else space.levels_for(unit)).items():
         out.update(BUILDERS[name].build(W, H, specs, opt))
     return out
 
 
+def _level_entry(spec, unit: Unit) -> dict:
+    """A level's manifest entry: exact costs, summed over a sub-block unit's linears."""
+    shapes = cost_shapes(unit)
+    kept = sum(spec.kept(sh) for sh in shapes) if hasattr(spec, "kept") else unit.numel
+    return {"id": spec.id, "builder": spec.builder, "code_bits": sum(spec.code_bits(sh) for sh in shapes),
+            "stored_bits": sum(spec.stored_bits(sh) for sh in shapes), "nbytes": sum(spec.nbytes(sh) for sh in shapes),
+            "kept": kept}
+
+
+def write_unit(path: Path, unit: Unit, stored: dict[str, Stored]) -> None:
+    """One unit file, atomically: a killed build never leaves a partial file under the final name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for level_id, q in stored.items():
+        tensors.update(q.to_tensors(level_id))
+    tmp = path / "units" / f"{unit.name}.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path / "units" / f"{unit.name}.safetensors")
+
+
 def build_levels(model: nn.Module, units: list[Unit], space: SearchSpace, calib_ids: torch.Tensor,
                  model_fingerprint: str, root: Path | None = None, progress_factory=None) -> LevelsDB:
-    """Build (or reuse, or finish) the levels DB of `units` under `space`, calibrated on `calib_ids`."""
+    """Build (or reuse, or finish) the levels DB of `units` under `space`, calibrated on `calib_ids`.
+    With `space.sequential` the units are built block by block (planner/levels/sequential.py)."""
     path = (root or cache_root() / "levels") / levels_key(model_fingerprint, calib_ids, space)
     if (path / "manifest.json").is_file():
         if all((path / "units" / f"{u.name}.safetensors").is_file() for u in units):
@@ -128,25 +152,23 @@ def build_levels(model: nn.Module, units: list[Unit], space: SearchSpace, calib_
     (path / "units").mkdir(parents=True, exist_ok=True)
     todo = [u for u in units if not (path / "units" / f"{u.name}.safetensors").is_file()]
     needs_h = any(BUILDERS[b].needs_hessian for b in _by_builder(space)) and todo
+    if space.sequential and todo:
+        from planner.levels.sequential import build_sequential
+
+        with _bar(progress_factory, len(units), "levels (units, sequential)", initial=len(units) - len(todo)) as bar:
+            build_sequential(model, units, space, calib_ids, path, bar, needs_h)
+        todo = []
     hessians: dict[str, torch.Tensor] = {}
-    if needs_h:
+    if needs_h and todo:
         with _bar(progress_factory, len(calib_ids), "hessians (windows)") as bar:
             hessians = collect_hessians(model, [u for u in units if u in todo], calib_ids, progress=bar)
     with _bar(progress_factory, len(units), "levels (units)", initial=len(units) - len(todo)) as bar:
         for u in todo:
             W = model.get_submodule(u.name).weight.detach().float()
-            qws = _build_unit(W, hessians.get(u.group), space)
-            tensors: dict[str, torch.Tensor] = {}
-            for level_id, q in qws.items():
-                tensors.update(q.to_tensors(level_id))
-            tmp = path / "units" / f"{u.name}.safetensors.tmp"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path / "units" / f"{u.name}.safetensors")
+            write_unit(path, u, _build_unit(W, hessians.get(u.group), space, u))
             bar.update(1)
     manifest = {"schema": DB_SCHEMA, "space": space.to_json(), "units": {
-        u.name: {"shape": list(u.shape), "levels": [
-            {"id": s.id, "builder": s.builder, "code_bits": s.code_bits(u.shape), "stored_bits": s.stored_bits(u.shape),
-             "nbytes": s.nbytes(u.shape)} for s in space.levels]} for u in units}}
+        u.name: {"shape": list(u.shape), "levels": [_level_entry(s, u) for s in space.levels_for(u)]} for u in units}}
     write_json(path / "manifest.json", manifest)
     return LevelsDB(path)
 

@@ -37,6 +37,9 @@ class Family:
     model_types: tuple[str, ...]
     blocks: str                      # attribute path of the ModuleList of decoder blocks
     linears: tuple[LinearKind, ...]
+    # sub-blocks on the residual path (attention, MLP): their linears' kinds, the output one last
+    # (zeroing it removes the sub-block: drop levels, planner/levels/drop.py)
+    subblocks: tuple[tuple[str, tuple[str, ...]], ...] = ()
     moe: MoeLayout | None = None     # where MoE blocks keep their experts (planner/moe)
 
 
@@ -81,13 +84,14 @@ def _shared(prefix: str) -> tuple[LinearKind, ...]:
 _MOE = MoeLayout(("mlp", "block_sparse_moe"), _FUSED_EXPERTS, _PER_EXPERT)
 
 FAMILIES: tuple[Family, ...] = (
-    Family(("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "smollm3"), "model.layers", _LLAMA_LINEARS),
+    Family(("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "smollm3"), "model.layers", _LLAMA_LINEARS,
+           (("attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))),
     Family(("phi3",), "model.layers", (
         LinearKind("qkv_proj", "self_attn.qkv_proj", "qkv", "attn_qkv"),
         LinearKind("o_proj", "self_attn.o_proj", "o", "attn_output"),
         LinearKind("gate_up_proj", "mlp.gate_up_proj", "gate_up", "ffn_up"),
         LinearKind("down_proj", "mlp.down_proj", "down", "ffn_down"),
-    )),
+    ), (("attn", ("qkv_proj", "o_proj")), ("mlp", ("gate_up_proj", "down_proj")))),
     Family(("mixtral", "qwen3_moe", "olmoe"), "model.layers", _LLAMA_LINEARS[:4] + _DENSE_MLP, moe=_MOE),
     Family(("qwen2_moe",), "model.layers", _LLAMA_LINEARS[:4] + _DENSE_MLP,
            moe=MoeLayout(_MOE.blocks, _FUSED_EXPERTS, _PER_EXPERT, _shared("shared_expert"), ("gate", "shared_expert_gate"))),
