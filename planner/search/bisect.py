@@ -24,8 +24,8 @@ import numpy as np
 
 from planner.errors import PlannerError
 from planner.problem import Problem
-from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
-from planner.search.ilp import _SEED_PATH, IlpConfig, damage_table, make_items, solve_mckp
+from planner.search.base import Candidate, Result, register
+from planner.search.ilp import IlpConfig, damage_table, make_items, proxy_fidelity, solve_mckp
 from planner.search.lagrange import hull_path
 
 
@@ -42,11 +42,6 @@ class BisectConfig(IlpConfig):
             raise PlannerError("hessian: give one target, max_kl or max_ppl_increase, not both")
         if self.max_kl is not None and self.max_kl < 0 or self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise PlannerError("hessian: targets must be >= 0")
-
-
-def fidelity(tokens: int, seed: int) -> Fidelity:
-    """The one batch every evaluation of this searcher uses (the pipeline measures base_ppl on it)."""
-    return Fidelity(tokens, derive_seed(seed, _SEED_PATH))
 
 
 @register("hessian", BisectConfig)
@@ -81,7 +76,7 @@ class BisectSearcher:
 
     def _seed(self, seed: int) -> None:
         self.seed = int(seed)
-        self.fidelity = fidelity(self.config.tokens, seed)
+        self.fidelity = proxy_fidelity(self.config.tokens, seed)
 
     def _meets(self, r: Result) -> bool:
         if not r.ok:

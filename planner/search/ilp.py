@@ -28,6 +28,11 @@ _REL_TOL = 1e-12                       # Problem.feasible's tolerance
 _SEED_PATH = 0x11B                     # proxy searchers' data-seed path (one fixed batch)
 
 
+def proxy_fidelity(tokens: int, seed: int) -> Fidelity:
+    """The one batch a proxy searcher measures its plans on (the pipeline measures base_ppl on it)."""
+    return Fidelity(tokens, derive_seed(seed, _SEED_PATH))
+
+
 def damage_table(problem: Problem, damage: Damage | None) -> np.ndarray:
     """[U, L] predicted damage (nan past each ladder's end); the prior when `damage` is None."""
     if damage is None:
@@ -173,7 +178,7 @@ class FixedPlans:
 
     def _seed(self, seed: int) -> None:
         self.seed = int(seed)
-        self.fidelity = Fidelity(self.config.tokens, derive_seed(seed, _SEED_PATH))
+        self.fidelity = proxy_fidelity(self.config.tokens, seed)
 
     def ask(self) -> list[Candidate]:
         if self.done():

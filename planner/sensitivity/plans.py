@@ -17,8 +17,8 @@ from planner.errors import PlannerError
 from planner.model.families import family_of
 from planner.model.load import load_model
 from planner.problem import Problem
-from planner.search.bisect import BisectConfig, fidelity
-from planner.search.ilp import damage_table, exact_plan
+from planner.search.bisect import BisectConfig
+from planner.search.ilp import damage_table, exact_plan, proxy_fidelity
 from planner.sensitivity.score import (
     Score,
     Sensitivity,
@@ -75,7 +75,7 @@ def proxy_inputs(session, problem: Problem, run, method: str, config: dict, init
         config.setdefault("damage", rows)
         config["score"] = sens.score
     if method == "hessian" and config.get("max_ppl_increase") is not None and config.get("base_ppl") is None:
-        fid = fidelity(int(config.get("tokens", BisectConfig.tokens)), seed)
+        fid = proxy_fidelity(int(config.get("tokens", BisectConfig.tokens)), seed)
         idx = session.windows.draw(fid.tokens, fid.seed)
         config["base_ppl"] = session.evaluator(problem).score(None, idx).ppl
     if method == "evo" and init == "hessian" and config.get("init_x") is None:
@@ -94,8 +94,8 @@ def problem_for(session, budget: Budget | None, tie_fused: bool = False) -> Prob
     if budget is None:
         budget = max_budget(session.db.problem(session.units, Budget(1.0, Metric.BITS)))
     problem = session.problem(budget)
-    if tie_fused:
-        problem = dataclasses.replace(problem, ties=tuple(u.group for u in session.units), _index={})
+    if tie_fused and not problem.members:   # fused: each group one unit for every searcher
+        problem = dataclasses.replace(problem, ties=tuple(u.group for u in session.units), _index={}).fused()
     return problem
 
 
