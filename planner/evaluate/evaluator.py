@@ -23,6 +23,7 @@ from planner.data.windows import Windows
 from planner.errors import BadPlan
 from planner.evaluate.kl import Reference, Scores, kl_and_nll, reference
 from planner.levels.db import LevelsDB
+from planner.moe.experts import ExpertSlices, expert_slice
 from planner.plan import Plan
 from planner.problem import Problem
 from planner.search.base import Candidate, Result
@@ -39,7 +40,9 @@ class InProcessEvaluator:
         self.batch_windows = batch_windows
         self.prefix_cache, self.kl_topk = prefix_cache, kl_topk
         self._decoder = model.base_model
-        self._modules = {u: model.get_submodule(u) for u in problem.units}
+        slices = [u for u in problem.units if expert_slice(model, u) is not None]   # fused MoE experts
+        self._modules = {u: model.get_submodule(u) for u in problem.units if u not in slices}
+        self._experts = ExpertSlices(model, slices, lambda u, level: db.weight(u, level, dtype))
         self._base = {u: m.weight.data for u, m in self._modules.items()}
         self._blocks = np.asarray(problem.blocks if problem.blocks else np.zeros(problem.n_units, dtype=int))
         self._ref: OrderedDict[int, Reference] = OrderedDict()
@@ -52,15 +55,17 @@ class InProcessEvaluator:
     def apply(self, plan: Plan | None) -> None:
         """Swap in the plan's weights; units the plan does not name keep the base weights."""
         chosen = plan.as_dict() if plan else {}
-        unknown = set(chosen) - set(self._modules)
+        unknown = set(chosen) - set(self.problem.units)
         if unknown:
             raise BadPlan(f"plan names {len(unknown)} unit(s) this model/space lacks, e.g. {sorted(unknown)[0]!r}: "
                           "was it made for another model or search space?")
+        for u, level in chosen.items():
+            if level not in self.problem.levels[self.problem._index[u]]:
+                raise BadPlan(f"plan gives {u} the level {level!r}, which the search space lacks")
         for u, m in self._modules.items():
             level = chosen.get(u)
-            if level is not None and level not in self.problem.levels[self.problem._index[u]]:
-                raise BadPlan(f"plan gives {u} the level {level!r}, which the search space lacks")
             m.weight.data = self.db.weight(u, level, self.dtype) if level else self._base[u]
+        self._experts.apply(chosen)    # slices of 3-D expert tensors: only changed slices are copied
 
     # --- forward pieces ----------------------------------------------------------------
     @property

@@ -15,7 +15,7 @@ import typing
 
 from planner.errors import PlannerError
 from planner.problem import Problem
-from planner.search import bisect, evo, ilp, lagrange, nsga2, tpe, uniform  # noqa: F401  (registration)
+from planner.search import bisect, evo, ilp, lagrange, moe_lp, nsga2, tpe, uniform  # noqa: F401  (registration)
 from planner.search.base import REGISTRY, Candidate, Fidelity, Result, Searcher, register
 from planner.search.loop import resume_journal, run_search
 
