@@ -77,14 +77,17 @@ function drawPlan() {
   const P = D.plans, U = D.units, x = P.x[sel];
   const bits = x.map((l, u) => U.bits[u][l]), text = D.kinds.map(() => D.blocks.map(() => []));
   x.forEach((l, u) => text[U.kind[u]][D.blocks.indexOf(U.block[u])].push(U.levels[u][l]));
+  const sparse = U.sparsity ? cells(x.map((l, u) => U.sparsity[u][l])) : null;   // pruning levels: shown too
   Plotly.react("heatmap", [{type: "heatmap", z: cells(bits), x: D.blocks, y: D.kinds, colorscale: "Viridis",
     text: text.map((r) => r.map((t) => uniq(t).join(", "))), texttemplate: "%{z:.2g}", colorbar: {title: {text: "bits"}},
-    hovertemplate: "%{y} block %{x}<br>%{text}<br>%{z:.3f} bits<extra></extra>"}],
+    customdata: sparse, hovertemplate: "%{y} block %{x}<br>%{text}<br>%{z:.3f} bits" +
+      (sparse ? ", %{customdata:.1%} sparse" : "") + "<extra></extra>"}],
     {title: {text: `plan ${P.id[sel]}: bits per layer`}, xaxis: {title: {text: "decoder block"}},
       yaxis: {autorange: "reversed"}, height: 140 + 40 * D.kinds.length, margin: {t: 40}}, {responsive: true});
   const rows = x.map((l, u) => `<tr><td>${U.name[u]}</td><td>${U.levels[u][l]}</td><td>${fmt(U.bits[u][l], 3)}</td>` +
-    `<td>${fmt(U.bpw[u][l], 4)}</td></tr>`);
-  $("levels").innerHTML = `<table><tr><th>unit</th><th>level</th><th>bits</th><th>bpw</th></tr>${rows.join("")}</table>`;
+    `<td>${fmt(U.bpw[u][l], 4)}</td>` + (U.sparsity ? `<td>${fmt(U.sparsity[u][l], 3)}</td>` : "") + `</tr>`);
+  $("levels").innerHTML = `<table><tr><th>unit</th><th>level</th><th>bits</th><th>bpw</th>` +
+    (U.sparsity ? "<th>sparsity</th>" : "") + `</tr>${rows.join("")}</table>`;
   $("selected").dataset.plan = P.id[sel];
   $("selected").textContent = `${P.id[sel]} (${P.methods[sel]}, run ${P.run[sel]}): KL ${fmt(P.kl[sel])}, ` +
     `bits ${fmt(P.bits[sel])}, bpw ${fmt(P.bpw[sel])}, ${fmt(P.mb[sel])} MB` +

@@ -115,7 +115,9 @@ def dashboard_data(runs: Runs) -> dict:
         "runs": {name: str(run.path) for name, run in zip(runs.names, runs.runs, strict=True)},
         "units": {"name": list(p.units), "kind": [kinds.index(k) for k in unit_kinds], "block": blocks,
                   "numel": p.numel, "levels": [list(lv) for lv in p.levels],
-                  "bits": p.code_bits / p.numel[:, None], "bpw": p.stored_bits / p.numel[:, None]},
+                  "bits": p.code_bits / p.numel[:, None], "bpw": p.stored_bits / p.numel[:, None],
+                  # pruned fraction per (unit, level); None when no level prunes
+                  "sparsity": None if p.kept is None else 1 - p.kept / p.numel[:, None]},
         "kinds": kinds, "blocks": sorted(set(blocks)),
         "plans": {"id": list(plans.index), "x": [runs.xs[i] for i in plans.index], "kl": plans.kl, "ppl": plans.ppl,
                   "bits": plans.bits, "bpw": plans.bpw, "mb": plans.bytes / 1e6, "method": plans.method,

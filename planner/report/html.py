@@ -58,6 +58,8 @@ def write_report(run: RunDir, out: Path | None = None) -> Path:
             section("Best plan per layer", "best_plan.json does not match the units and levels in problem.json.")
         else:
             section("Best plan per layer", layer_heatmap(problem, x))
+            if problem.cost(x).density < 1:       # pruning levels: the kept fraction per layer too
+                section("Best plan per layer: sparsity", layer_heatmap(problem, x, sparsity=True))
             parts.append(kind_table(problem, x))
     conv = convergence_figure(_history(run.read("checkpoint.json", {})), rows)
     section("Convergence", conv if conv is not None else "No convergence data (no searcher history, no evo rows).")
@@ -121,10 +123,11 @@ def summary_table(held: list[Row], best_id: str | None) -> str:
 def kind_table(problem: Problem, x: np.ndarray) -> str:
     idx = (np.arange(problem.n_units), x)
     df = pd.DataFrame({"kind": _unit_kinds(problem), "numel": problem.numel,
-                       "code": problem.code_bits[idx], "stored": problem.stored_bits[idx]})
+                       "code": problem.code_bits[idx], "stored": problem.stored_bits[idx],
+                       "kept": problem.unit_cost(Metric.DENSITY)[idx]})
     g = df.groupby("kind", sort=False).sum()
     table = pd.DataFrame({"units": df.groupby("kind", sort=False).size(), "weights (M)": g.numel / 1e6,
-                          "avg bits": g.code / g.numel, "avg bpw": g.stored / g.numel})
+                          "avg bits": g.code / g.numel, "avg bpw": g.stored / g.numel, "sparsity": 1 - g.kept / g.numel})
     return table.to_html(float_format="{:.3f}".format, border=0)
 
 
@@ -204,8 +207,10 @@ def _kinds_order(problem: Problem) -> list[str]:
     return list(dict.fromkeys(_unit_kinds(problem)))
 
 
-def layer_heatmap(problem: Problem, x: np.ndarray) -> go.Figure:
+def layer_heatmap(problem: Problem, x: np.ndarray, sparsity: bool = False) -> go.Figure:
+    """Bits per weight of every (kind, block) cell; with `sparsity`, the pruned fraction instead."""
     kinds = _kinds_order(problem)
+    kept = problem.unit_cost(Metric.DENSITY)
     blocks = list(problem.blocks) or [int(m.group(1)) if (m := re.search(r"\.(\d+)\.", u)) else 0
                                       for u in problem.units]
     cols = sorted(set(blocks))
@@ -213,14 +218,15 @@ def layer_heatmap(problem: Problem, x: np.ndarray) -> go.Figure:
     text = [[[] for _ in cols] for _ in kinds]
     for u, (kind, blk) in enumerate(zip(_unit_kinds(problem), blocks, strict=True)):
         i, j = kinds.index(kind), cols.index(blk)      # a cell may hold several units (MoE experts)
-        code[i, j] += problem.code_bits[u, x[u]]
+        code[i, j] += problem.numel[u] - kept[u, x[u]] if sparsity else problem.code_bits[u, x[u]]
         numel[i, j] += problem.numel[u]
         text[i][j].append(problem.levels[u][x[u]])
     z = np.where(numel > 0, code / np.maximum(numel, 1), np.nan)
     text = [[", ".join(dict.fromkeys(t)) for t in row] for row in text]
+    what = "sparsity" if sparsity else "bits"
     fig = go.Figure(go.Heatmap(z=z, x=cols, y=kinds, text=text, texttemplate="%{z:.2g}", colorscale="Viridis",
-                               colorbar=dict(title="bits"),
-                               hovertemplate="%{y} block %{x}<br>%{text}<br>%{z:.3f} bits<extra></extra>"))
+                               colorbar=dict(title=what),
+                               hovertemplate="%{y} block %{x}<br>%{text}<br>%{z:.3f} " + what + "<extra></extra>"))
     fig.update_layout(xaxis_title="decoder block", yaxis=dict(autorange="reversed"), height=120 + 40 * len(kinds))
     return fig
 

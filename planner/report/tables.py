@@ -80,7 +80,7 @@ def load_runs(paths) -> Runs:
     problem = problems[0]
     problem = Problem(units=problem.units, numel=problem.numel, levels=problem.levels, code_bits=problem.code_bits,
                       stored_bits=problem.stored_bits, budget=Budget(top, metric), kinds=problem.kinds,
-                      blocks=problem.blocks, ties=problem.ties)
+                      blocks=problem.blocks, ties=problem.ties, kept=problem.kept)
     records, held, xs = [], [], {}
     for name, run in zip(names, runs, strict=True):
         for i, r in enumerate(run.results()):
