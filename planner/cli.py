@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", help="3.0bits (code bits per weight), 3.25bpw (stored bits incl. scales), or a size like 45MB")
     s.add_argument("--method", default=None, help="evo (default), uniform, nsga2 / tpe (multi-objective: KL and size, "
                    "--objectives), or a sensitivity method: ilp (exact knapsack "
-                   "plan), lagrange (sweep of budgets), hessian (with --max-kl/--max-ppl-increase: bisection to the target)")
+                   "plan), lagrange (sweep of budgets), hessian (with --max-kl/--max-ppl-increase: bisection to the target), "
+                   "or moe-lp (MoE models: MC-MoE expert allocation from routing statistics, --moe-*)")
     s.add_argument("--schedule", default=None, help="evo racing schedule: cpu (default: 30 generations, 16 offspring, "
                    "4@512,1@2048), fast (EvoPress super-fast), paper (EvoPress defaults; needs --kl-topk and much text)")
     s.add_argument("--generations", type=int, default=None, help="evo / nsga2 generations (evo: overrides the schedule)")
@@ -112,12 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--same-size-only", action="store_true", help="evo swaps bits only between units of one size (EvoPress's default)")
     s.add_argument("--evo-config", default=None, help="a JSON/YAML file of evo settings (generations, offspring, stages, max_switches, ...)")
     s.add_argument("--init", default=None, help="evo warm start: uniform (default: the best uniform plan/mix), hessian "
-                   "(the exact knapsack plan of --score) or a plan JSON file")
+                   "(the exact knapsack plan of --score), moe-lp (MoE models: the moe-lp plan) or a plan JSON file")
     s.add_argument("--score", default=None, help="sensitivity score for ilp/lagrange/hessian and --init hessian: "
                    "hutchinson (default), fisher, noise, proxy (see `planner sensitivity`)")
     s.add_argument("--max-kl", type=float, default=None, help="hessian: accuracy target, the most compressed plan "
                    "with KL <= this (--budget optional: it caps the search)")
     s.add_argument("--max-ppl-increase", default=None, help="hessian: accuracy target as a perplexity increase, e.g. 2%%")
+    s.add_argument("--moe-cost", choices=["full", "frequency", "error"], default=None, help="moe-lp (and evo "
+                   "--init moe-lp): expert cost frequency^a x weight^b x output error (full, default), routing only "
+                   "(frequency) or output error only (error)")
+    s.add_argument("--moe-a", type=float, default=None, help="moe-lp: exponent of the activation frequency (default 1)")
+    s.add_argument("--moe-b", type=float, default=None, help="moe-lp: exponent of the mean routing weight (default 1)")
+    s.add_argument("--moe-layer-budget", action="store_true", help="moe-lp: also hold each MoE layer's experts to "
+                   "the budget's average")
+    s.add_argument("--moe-min-count", default=None, help="moe-lp: at least N experts per MoE layer at a level, "
+                   "e.g. gptq-b2-g128:1,gptq-b4-g128:1")
     s.add_argument("--tie-fused", action="store_true", help="fused groups (q/k/v, gate/up) share one level "
                    "(kept by ilp, lagrange and hessian)")
     s.add_argument("--kl-topk", type=_positive, default=None, help="measure KL over the reference's top-K tokens (+ tail); default: full vocabulary")
@@ -214,6 +224,24 @@ def _evo_config(args) -> dict:
     return config
 
 
+def _moe_config(args, method: str) -> dict:
+    """moe-lp settings from the --moe-* flags (for --method moe-lp, or evo's --init moe-lp)."""
+    config = {k: v for k, v in (("cost", args.moe_cost), ("a", args.moe_a), ("b", args.moe_b)) if v is not None}
+    if args.moe_layer_budget:
+        config["layer_budget"] = True
+    if args.moe_min_count:
+        try:
+            config["min_count"] = [[lv, int(n)] for lv, n in (p.rsplit(":", 1) for p in args.moe_min_count.split(","))]
+        except ValueError:
+            raise PlannerError(f"malformed --moe-min-count {args.moe_min_count!r}: use LEVEL:N pairs, "
+                               "e.g. gptq-b2-g128:1") from None
+    if args.init == "moe-lp" and method != "evo":
+        raise PlannerError("--init moe-lp warm-starts evo: use it with --method evo (or --method moe-lp alone)")
+    if config and "moe-lp" not in (method, args.init):
+        raise PlannerError("--moe-* flags apply to --method moe-lp or --init moe-lp")
+    return config
+
+
 def _model_data(args, base: dict | None = None):
     """ModelData from the run's config (if any), overridden by flags given explicitly."""
     from planner.pipeline import ModelData
@@ -259,7 +287,10 @@ def cmd_search(args) -> int:
         elif targeted:
             raise PlannerError("--max-kl/--max-ppl-increase need --method hessian")
         make_config(method, method_config)           # validate before any expensive work
-        if args.init and args.init not in ("uniform", "hessian"):
+        moe = _moe_config(args, method)
+        if method == "moe-lp":
+            method_config = {**moe, "tokens": args.uniform_tokens or DEFAULTS["uniform_tokens"]}
+        if args.init and args.init not in ("uniform", "hessian", "moe-lp"):
             from planner.plan import Plan
 
             Plan.load(args.init)
@@ -270,7 +301,7 @@ def cmd_search(args) -> int:
             raise BadRunDir(f"run dir {str(path)!r} already exists: pick another --name, or --resume it")
         cfg = {"budget": args.budget, "method": method, "method_config": method_config,
                "space": args.space or DEFAULTS["space"], "uniform_tokens": args.uniform_tokens if args.uniform_tokens is not None else DEFAULTS["uniform_tokens"],
-               "init": args.init or DEFAULTS["init"],
+               "init": args.init or DEFAULTS["init"], "moe_lp": moe,
                "score": args.score, "tie_fused": bool(args.tie_fused), "real": bool(args.real),
                "model_data": dataclasses.asdict(md)}
     space = load_space(cfg["space"])

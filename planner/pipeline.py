@@ -163,6 +163,10 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
     config = dict(config)
     if needs_sensitivity(method, init):
         config = proxy_inputs(session, problem, run, method, config, init, score, seed)
+    if "moe-lp" in (method, init):     # expert statistics -> the MC-MoE program (planner/moe)
+        from planner.moe.plan import moe_inputs
+
+        config = moe_inputs(session, problem, run, method, config, init)
     if method == "evo" and config.get("init_x") is None:
         config["init_x"] = list(uniform.best() if init == "uniform" else problem.encode(Plan.load(init)))
     if method in POPULATION_METHODS and not config.get("init_xs"):

@@ -1,0 +1,174 @@
+"""Expert statistics on calibration data, and the data the `moe-lp` searcher takes.
+
+Per expert (one pass over the calibration windows, base fp32 model):
+- frequency: share of calibration tokens routed to it (a layer's experts sum to top_k);
+- weight: its mean routing weight over those tokens (0 when none reached it);
+- error[level]: mean squared error of its output on (up to `max_tokens` of) its routed tokens
+  with all its matrices at that level and everything else exact (quantized alone).
+Per dense unit (attention, shared experts, dense MLPs): the layer-local output error at each
+level, E||dW x||^2 per token = tr(dW S dW^T) with S the second moment of its input: the same
+currency as an expert's error times frequency * weight^2, so one program can weigh both.
+
+Cached as JSON next to the levels DB (whose key already pins model, calibration and space).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from planner.levels.hessian import collect_hessians
+from planner.moe.experts import MoeBlock, moe_blocks
+from planner.moe.routing import capture_routing, expert_matrices, routed
+from planner.rundir import write_json
+from planner.units import Unit
+
+STATS_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class ExpertStat:
+    block: int
+    expert: int
+    units: tuple[str, ...]
+    tokens: int                 # calibration tokens routed to it
+    frequency: float            # tokens / calibration tokens
+    weight: float               # mean routing weight over its routed tokens
+    error: dict[str, float]     # level id -> mean squared output error per routed token, alone at that level
+
+
+@dataclass(frozen=True)
+class MoeStats:
+    experts: tuple[ExpertStat, ...]
+    dense: dict[str, dict[str, float]]   # dense unit -> level id -> E||dW x||^2 per token
+    tokens: int                          # calibration tokens
+    max_tokens: int                      # routed tokens per expert the errors were measured on (at most)
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"schema": STATS_SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> MoeStats:
+        experts = tuple(ExpertStat(**{**e, "units": tuple(e["units"])}) for e in d["experts"])
+        return cls(experts, d["dense"], int(d["tokens"]), int(d["max_tokens"]), float(d["seconds"]))
+
+
+def _levels_of(db, unit: str) -> list[str]:
+    return [lv.id for lv in db.levels(unit)]
+
+
+@torch.no_grad()
+def _expert_stats(model: nn.Module, blocks: list[MoeBlock], db, calib_ids: torch.Tensor, max_tokens: int,
+                  progress=None) -> list[ExpertStat]:
+    count: dict[tuple[int, int], int] = {}
+    wsum: dict[tuple[int, int], float] = {}
+    kept: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def fn(mb: MoeBlock, X: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        for j in range(mb.n_experts):
+            tok, wj = routed(idx, w, j)
+            key = (mb.block, j)
+            count[key] = count.get(key, 0) + int(tok.numel())
+            wsum[key] = wsum.get(key, 0.0) + float(wj.float().sum())
+            have = sum(len(t) for t in kept.setdefault(key, []))
+            if tok.numel() and have < max_tokens:
+                kept[key].append(X[tok[:max_tokens - have]].float().clone())
+
+    capture_routing(model, blocks, calib_ids, fn, progress=progress)
+    n_tokens = int(calib_ids.numel())
+    out = []
+    for mb in blocks:
+        for j, units in enumerate(mb.units):
+            key = (mb.block, j)
+            n = count.get(key, 0)
+            ids = [lv for lv in _levels_of(db, units[0].name) if all(lv in _levels_of(db, u.name) for u in units)]
+            error = {lv: 0.0 for lv in ids}
+            if kept.get(key):
+                X = torch.cat(kept[key])
+                ref = expert_matrices(model, mb, j).forward(X)
+                for lv in ids:
+                    q = {u.name: db.load(u.name, lv).dequantize(torch.float32) for u in units}
+                    error[lv] = float((expert_matrices(model, mb, j, q).forward(X) - ref).pow(2).sum(-1).mean())
+            out.append(ExpertStat(mb.block, j, tuple(u.name for u in units), n, n / n_tokens,
+                                  wsum.get(key, 0.0) / n if n else 0.0, error))
+    return out
+
+
+@torch.no_grad()
+def _dense_errors(model: nn.Module, units: list[Unit], db, calib_ids: torch.Tensor, progress=None
+                  ) -> dict[str, dict[str, float]]:
+    H = collect_hessians(model, units, calib_ids, progress=progress)    # 2/n X^T X per fused group
+    out = {}
+    for u in units:
+        S = H[u.group].double() / 2
+        W = model.get_submodule(u.name).weight.double()
+        out[u.name] = {}
+        for lv in _levels_of(db, u.name):
+            D = db.load(u.name, lv).dequantize(torch.float32).double() - W
+            out[u.name][lv] = float(((D @ S) * D).sum())
+    return out
+
+
+def compute_stats(model: nn.Module, units: list[Unit], db, calib_ids: torch.Tensor, max_tokens: int = 512,
+                  progress=None) -> MoeStats:
+    """Statistics of every expert and dense unit among `units` (model: fp32 base weights)."""
+    t0 = time.perf_counter()
+    blocks = moe_blocks(model, units)
+    experts = _expert_stats(model, blocks, db, calib_ids, max_tokens, progress)
+    dense = _dense_errors(model, [u for u in units if u.expert < 0], db, calib_ids)
+    return MoeStats(tuple(experts), dense, int(calib_ids.numel()), max_tokens, time.perf_counter() - t0)
+
+
+def cached_stats(model_fn, units: list[Unit], db, calib_ids: torch.Tensor, max_tokens: int = 512,
+                 progress=None) -> MoeStats:
+    """`compute_stats` cached next to the levels DB; `model_fn()` gives the fp32 model when needed."""
+    import json
+
+    path = db.path / f"moe_stats-{max_tokens}.json"
+    if path.is_file():
+        stats = MoeStats.from_json(json.loads(path.read_text()))
+        if {u for e in stats.experts for u in e.units} | set(stats.dense) >= {u.name for u in units}:
+            return stats
+    stats = compute_stats(model_fn(), units, db, calib_ids, max_tokens, progress)
+    write_json(path, stats.to_json())
+    return stats
+
+
+def lp_data(stats: MoeStats, problem) -> dict:
+    """The `moe-lp` config fields (JSON-able) for `problem`'s units, from `stats`."""
+    index = {u: i for i, u in enumerate(problem.units)}
+    experts = [e for e in stats.experts if all(u in index for u in e.units)]
+    levels = [lv for lv in experts[0].error if all(lv in e.error for e in experts)] if experts else []
+    in_expert = {u for e in experts for u in e.units}
+    dense = [i for i, u in enumerate(problem.units) if u not in in_expert]
+    missing = [problem.units[i] for i in dense if problem.units[i] not in stats.dense]
+    if missing:
+        from planner.errors import PlannerError
+
+        raise PlannerError(f"moe statistics lack unit {missing[0]!r}: recompute them for this model and space")
+    return {"experts": [[index[u] for u in e.units] for e in experts], "layers": [e.block for e in experts],
+            "frequency": [e.frequency for e in experts], "weight": [e.weight for e in experts],
+            "levels": levels, "error": [[e.error[lv] for lv in levels] for e in experts],
+            "dense": dense, "damage": [[stats.dense[problem.units[i]][lv] for lv in problem.levels[i]] for i in dense]}
+
+
+def expert_table(stats: MoeStats) -> dict:
+    """Per-expert statistics for the run dir (moe_stats.json) and the report's heatmap."""
+    return {"tokens": stats.tokens, "experts": [
+        {"block": e.block, "expert": e.expert, "units": list(e.units), "tokens": e.tokens,
+         "frequency": e.frequency, "weight": e.weight, "error": e.error} for e in stats.experts]}
+
+
+def frequency_summary(stats: MoeStats) -> np.ndarray:
+    """[layers, experts] activation frequency (for quick looks and tests)."""
+    blocks = sorted({e.block for e in stats.experts})
+    n = max(e.expert for e in stats.experts) + 1
+    out = np.zeros((len(blocks), n))
+    for e in stats.experts:
+        out[blocks.index(e.block), e.expert] = e.frequency
+    return out
