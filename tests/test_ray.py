@@ -9,6 +9,9 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,22 +113,38 @@ def test_a_worker_killed_mid_search_does_not_change_the_plan(sessions, tmp_path,
     assert {w["worker"] for w in workers} == {0, 1} and any(w["deaths"] for w in workers)
 
 
-def test_cli_search_with_workers(cluster, tiny_model_dir, tiny_text_file, tiny_space_file, session_cache_dir,
-                                 tmp_path):
-    cluster.release()           # the CLI starts its own two actors on the module's Ray (2 CPUs)
-    data = ["--model", tiny_model_dir, "--dataset", tiny_text_file, "--space", tiny_space_file,
-            "--seqlen", TINY_SEQLEN, "--calib-tokens", TINY_CALIB_TOKENS, "--eval-tokens", TINY_EVAL_TOKENS,
-            "--threads", "1", "-q", "--runs-dir", tmp_path]
-    with cache_env(session_cache_dir), torch_threads(1):
-        rc, out, err = run_cli(["search", *data, *SEARCH, "--name", "local"])
+@pytest.fixture(scope="module")
+def cli_pair(tiny_model_dir, tiny_text_file, tiny_space_file, session_cache_dir):
+    """`run(tmp_path, *flags, env=None)`: an in-process `planner search` and the same with `flags`
+    (in a child process with `env` when given); checks that they found the same plan through the
+    same journal and returns the flagged run's stdout."""
+    def run(tmp_path: Path, *flags: str, env: dict | None = None) -> str:
+        data = [str(a) for a in ("--model", tiny_model_dir, "--dataset", tiny_text_file, "--space", tiny_space_file,
+                                 "--seqlen", TINY_SEQLEN, "--calib-tokens", TINY_CALIB_TOKENS, "--eval-tokens",
+                                 TINY_EVAL_TOKENS, "--threads", "1", "-q", "--runs-dir", tmp_path, *SEARCH)]
+        with cache_env(session_cache_dir), torch_threads(1):
+            rc, out, err = run_cli(["search", *data, "--name", "local"])
+            assert rc == 0, err
+            if env is None:
+                rc, out, err = run_cli(["search", *data, "--name", "workers", *flags])
+            else:
+                p = subprocess.run([sys.executable, "-m", "planner.cli", "search", *data, "--name", "workers", *flags],
+                                   capture_output=True, text=True, timeout=300,
+                                   env={**os.environ, "PLANNER_CACHE": str(session_cache_dir), **env})
+                rc, out, err = p.returncode, p.stdout, p.stderr
         assert rc == 0, err
-        rc, out, err = run_cli(["search", *data, *SEARCH, "--name", "ray", "--workers", "2"])
-    assert rc == 0, err
+        assert json.loads((tmp_path / "workers" / "best_plan.json").read_text()) == \
+            json.loads((tmp_path / "local" / "best_plan.json").read_text())
+        local, remote = RunDir.open(tmp_path / "local"), RunDir.open(tmp_path / "workers")
+        assert [(r.x, r.kl, r.ppl) for r in remote.results()] == [(r.x, r.kl, r.ppl) for r in local.results()]
+        rows = [json.loads(line) for line in (tmp_path / "workers" / "workers.jsonl").read_text().splitlines()]
+        assert {r["worker"] for r in rows} == {0, 1} and rows[-1]["tasks"] > 0 and rows[-1]["tokens_per_s"] > 0
+        return out
+    return run
+
+
+def test_cli_search_with_workers(cluster, cli_pair, tmp_path):
+    cluster.release()           # the CLI starts its own two actors on the module's Ray (2 CPUs)
+    out = cli_pair(tmp_path, "--workers", "2")
     assert "best (evo) *" in out
-    local, remote = RunDir.open(tmp_path / "local"), RunDir.open(tmp_path / "ray")
-    assert json.loads((tmp_path / "ray" / "best_plan.json").read_text()) == \
-        json.loads((tmp_path / "local" / "best_plan.json").read_text())
-    assert [(r.x, r.kl) for r in remote.results()] == [(r.x, r.kl) for r in local.results()]
-    rows = [json.loads(line) for line in (tmp_path / "ray" / "workers.jsonl").read_text().splitlines()]
-    assert {r["worker"] for r in rows} == {0, 1} and rows[-1]["tasks"] > 0 and rows[-1]["tokens_per_s"] > 0
     assert ray.is_initialized()     # a Ray the CLI did not start is left running
