@@ -210,7 +210,15 @@ def parse_gguf(fam: dict, at: str) -> list[GGUFSpec]:
 
 
 def build_gguf(W: torch.Tensor, H: torch.Tensor | None, specs: list[GGUFSpec], opt: BuildOptions) -> dict:
-    return {s.id: quantize_gguf(W, s.type, s.rounding, H, opt.damp, opt.block_size) for s in specs}
+    """Every spec of one unit; specs that store the same type (fallbacks) are quantized once."""
+    done: dict[tuple[str, Rounding], GGUFWeight] = {}
+    out = {}
+    for s in specs:
+        key = (s.stored_type(tuple(W.shape)), s.rounding)
+        if key not in done:
+            done[key] = quantize_gguf(W, s.type, s.rounding, H, opt.damp, opt.block_size)
+        out[s.id] = done[key]
+    return out
 
 
 register_builder(Builder("gguf", parse_gguf, build_gguf, GGUFWeight.from_tensors, needs_hessian=True))

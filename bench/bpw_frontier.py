@@ -1,0 +1,268 @@
+"""KL and perplexity against stored bits per weight on the default model: each format family as
+uniform plans, the planner's best plan (evo) over the whole level set, and llama.cpp's own mixes,
+all measured by the planner's evaluator on the same held-out windows of 'builtin' (the
+calibration corpus, never searched on) and of 'builtin-docs' (never seen).
+
+    python bench/bpw_frontier.py [--budgets 2.75,3.25,3.75,4.25] [--generations 12]
+        [--eval-windows 8] [--llama-cpp /path/to/llama.cpp/build/bin] [--out reports/bpw_frontier.txt]
+
+bpw counts the 210 decoder-block linears (embeddings and lm_head stay as they are, in every row,
+llama.cpp's included). With --llama-cpp (a folder holding llama-quantize and llama-imatrix, built
+from llama.cpp's source) the mixes are quantized from the model's own Q4_1 GGUF (--allow-requantize:
+its dequantized weights are exactly the planner's base model) with an importance matrix from the
+calibration windows; and with $PLANNER_LIBGGML the GGUF levels round with llama.cpp's own quantizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from planner.budget import Budget, Metric, parse_budget  # noqa: E402
+from planner.data.corpus import BUILTIN_DOCS, load_text  # noqa: E402
+from planner.data.windows import make_windows, tokenize  # noqa: E402
+from planner.evaluate.evaluator import InProcessEvaluator  # noqa: E402
+from planner.export.gguf_file import row_permutation  # noqa: E402
+from planner.levels.gguf_levels import libggml  # noqa: E402
+from planner.model.families import family_of  # noqa: E402
+from planner.model.load import _alias_gguf  # noqa: E402
+from planner.pipeline import DTYPES, ModelData, prepare  # noqa: E402
+from planner.plan import Plan  # noqa: E402
+from planner.problem import Problem  # noqa: E402
+from planner.rundir import RunDir  # noqa: E402
+from planner.search import make_searcher, run_search  # noqa: E402
+from planner.space import parse_space  # noqa: E402
+
+
+def k(bits, gs, sb, sym=False, rounding="gptq"):
+    """A K-quant-style super-block int family (sub-scale codes of `sb` bits)."""
+    return {"method": "format", "grid": "int", "bits": bits, "group_size": gs, "symmetric": sym, "scale_bits": sb,
+            "super_groups": 256 // gs, "rounding": rounding}
+
+
+def families(gguf_rounding: str) -> dict[str, list[dict]]:
+    return {
+        "rtn g128 (min-max; fp16 scale + int zero)": [{"method": "rtn", "bits": [2, 3, 4], "group_size": 128}],
+        "gptq g128 (fp16 scale + int zero)": [{"method": "gptq", "bits": [2, 3, 4], "group_size": 128}],
+        "super-block int, diag": [k(2, 16, 4, rounding="diag"), k(3, 16, 6, True, "diag"), k(4, 32, 6, rounding="diag")],
+        "super-block int, gptq": [k(2, 16, 4), k(3, 16, 6, True), k(4, 32, 6)],
+        "nf g64, gptq": [{"method": "format", "grid": "nf", "bits": [3, 4], "group_size": 64, "rounding": "gptq"}],
+        "k-means g64, gptq": [{"method": "format", "grid": "km", "bits": [3], "group_size": 64, "rounding": "gptq"}],
+        f"gguf types, {gguf_rounding}": [{"method": "gguf", "types": ["Q2_K", "Q3_K", "Q4_K", "IQ4_XS", "Q4_0"],
+                                          "rounding": gguf_rounding}],
+        "gguf types, gptq": [{"method": "gguf", "types": ["Q3_K", "Q4_K"], "rounding": "gptq"}],
+        "gguf Q4_1 (the source format)": [{"method": "gguf", "types": ["Q4_1"], "rounding": "ref"}],
+    }
+
+
+class WithMixes:
+    """The levels DB plus llama.cpp mixes as extra (unit, level) weights (the evaluator reads `weight`)."""
+
+    def __init__(self, db, extra: dict[tuple[str, str], torch.Tensor]):
+        self.db, self.extra = db, extra
+
+    def weight(self, unit: str, level: str, dtype: torch.dtype) -> torch.Tensor:
+        if (unit, level) in self.extra:
+            return self.extra[(unit, level)].to(dtype)
+        return self.db.weight(unit, level, dtype)
+
+
+def wide_problem(db, units, extra_costs: dict[str, dict[str, tuple[int, int]]]) -> Problem:
+    """Every DB level of every unit plus the extra levels, no budget (for measuring fixed plans)."""
+    p = db.problem(units, Budget(1e30, Metric.BYTES))
+    ladders = [list(lad) for lad in p.levels]
+    code, stored = p.code_bits.tolist(), p.stored_bits.tolist()
+    for level, per_unit in extra_costs.items():
+        for i, u in enumerate(units):
+            ladders[i].append(level)
+            code[i].append(per_unit[u.name][0])
+            stored[i].append(per_unit[u.name][1])
+    width = max(len(lad) for lad in ladders)
+    pad = [[*row, *[np.nan] * (width - len(row))] for row in code], [[*r, *[np.nan] * (width - len(r))] for r in stored]
+    return Problem(units=p.units, numel=p.numel, levels=tuple(tuple(lad) for lad in ladders), code_bits=np.array(pad[0]),
+                   stored_bits=np.array(pad[1]), budget=p.budget, kinds=p.kinds, blocks=p.blocks)
+
+
+def llama_mixes(tools: Path, session, ftypes: list[str], work: Path, log) -> tuple[dict, dict]:
+    """Quantize the model's own GGUF with llama-quantize (imatrix from the calibration windows);
+    return (extra weights, extra costs) keyed by level "llama.cpp <FTYPE>"."""
+    src = _alias_gguf(session.spec.model)
+    calib = work / "calib.txt"
+    calib.write_text("\n".join(session.loaded.tokenizer.decode(w) for w in session.windows.ids[session.windows.calib]))
+    imatrix = work / "imatrix.gguf"
+    t0 = time.perf_counter()
+    subprocess.run([str(tools / "llama-imatrix"), "-m", str(src), "-f", str(calib), "-c", str(session.spec.seqlen),
+                    "-o", str(imatrix), "-t", "1", "--no-ppl"], check=True, capture_output=True)
+    log(f"# llama-imatrix on the calibration text: {time.perf_counter() - t0:.0f} s")
+    cfg = session.loaded.model.config
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    stems = {lk.kind: lk.gguf for lk in family_of(cfg.model_type).linears}
+    weights, costs = {}, {}
+    for ft in ftypes:
+        out = work / f"{ft}.gguf"
+        subprocess.run([str(tools / "llama-quantize"), "--allow-requantize", "--imatrix", str(imatrix), str(src),
+                        str(out), ft, "1"], check=True, capture_output=True)
+        tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+        level = f"llama.cpp {ft}"
+        costs[level], types = {}, {}
+        for u in session.units:
+            stem = stems[u.kind]
+            t = tensors[f"blk.{u.block}.{stem}.weight"]
+            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(u.shape)
+            if stem in heads:
+                w = w[np.argsort(row_permutation(u.shape[0], heads[stem]))]
+            weights[(u.name, level)] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.bfloat16)
+            costs[level][u.name] = (u.numel * _nominal(t.tensor_type.name), int(t.n_bytes) * 8)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        log(f"# llama.cpp {ft}: block linears as " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
+    return weights, costs
+
+
+def _nominal(name: str) -> int:
+    from planner.levels.gguf_levels import NOMINAL_BITS
+
+    return NOMINAL_BITS.get(name, 16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", default="2.75,3.25,3.75,4.25")
+    ap.add_argument("--gguf-budget", default="4.25", help="evo over the GGUF-native levels only (lossless llama.cpp export)")
+    ap.add_argument("--generations", type=int, default=12)
+    ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 512 tokens per corpus")
+    ap.add_argument("--llama-cpp", default=None, help="folder with llama-quantize and llama-imatrix")
+    ap.add_argument("--mixes", default="Q2_K,Q3_K_M,IQ3_M,Q4_K_S,Q4_K_M,IQ4_XS,Q4_0")
+    ap.add_argument("--llama-wait", type=float, default=0, help="seconds to wait for a llama.cpp build still running")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dataset", default="builtin")
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="reports/bpw_frontier.txt")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = open(args.out, "w")
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        out.write(line + "\n")
+        out.flush()
+
+    t_start = time.perf_counter()
+    gguf_rounding = "llama" if libggml() is not None else "diag"
+    fams = families(gguf_rounding)
+    space = parse_space({"name": "bpw-frontier", "levels": [f for fs in fams.values() for f in fs]})
+    md = ModelData(model=args.model, dataset=args.dataset, calib_tokens=args.calib_tokens, seqlen=args.seqlen,
+                   seed=args.seed)
+    emit(f"# bench/bpw_frontier.py  model {md.model}  seed {args.seed}  calibration {md.calib_tokens} tokens of "
+         f"'builtin'  evaluation dtype {md.dtype}")
+    emit(f"# held-out: {args.eval_windows} x {md.seqlen} tokens of 'builtin' (never searched on) and of "
+         f"'{BUILTIN_DOCS}' (never seen); bpw/bits over the decoder-block linears only")
+    emit(f"# gguf levels rounded by: {gguf_rounding} "
+         f"({'llama.cpp ggml_quantize_chunk, imatrix = diag(H)/2' if gguf_rounding == 'llama' else 'PLANNER_LIBGGML not set'})")
+    t0 = time.perf_counter()
+    session = prepare(md, space, quiet=True)
+    emit(f"# levels DB: {len(space.levels)} levels x {len(session.units)} units, {time.perf_counter() - t0:.0f} s "
+         f"({session.db.path})")
+    docs = make_windows(tokenize(session.loaded.tokenizer, load_text(BUILTIN_DOCS)), md.seqlen, md.calib_tokens,
+                        md.eval_tokens, md.seed)
+    held, held_docs = session.windows.heldout[:args.eval_windows], docs.heldout[:args.eval_windows]
+
+    extra_w, extra_c = {}, {}
+    tools = [Path(args.llama_cpp or ".") / t for t in ("llama-quantize", "llama-imatrix")]
+    deadline = time.time() + args.llama_wait
+    while args.llama_cpp and not all(t.is_file() for t in tools) and time.time() < deadline:
+        time.sleep(30)
+    if args.llama_cpp and all(t.is_file() for t in tools):
+        work = Path(tempfile.mkdtemp(prefix="bpw-frontier-"))
+        try:
+            extra_w, extra_c = llama_mixes(Path(args.llama_cpp), session, args.mixes.split(","), work, emit)
+        except subprocess.CalledProcessError as e:
+            tail = (e.stderr or b"").decode(errors="replace").strip().splitlines()[-3:]
+            emit(f"# llama.cpp mixes: FAILED ({' '.join(map(str, e.cmd[:1]))}: {' | '.join(tail)})")
+    else:
+        emit("# llama.cpp mixes: ABSENT (no llama-quantize: pass --llama-cpp DIR of a llama.cpp build)")
+    wide = wide_problem(session.db, session.units, extra_c)
+    db = WithMixes(session.db, extra_w)
+    ev = InProcessEvaluator(session.loaded.model, db, wide, session.windows, dtype=DTYPES[md.dtype], ref_cache_bytes=1e9)
+    ev_docs = InProcessEvaluator(session.loaded.model, db, wide, docs, dtype=DTYPES[md.dtype], ref_cache_bytes=1e9)
+    rows = []
+
+    def measure(group: str, label: str, plan: Plan, seconds: float = 0.0) -> None:
+        x = wide.encode(plan)
+        a, d = ev.score(plan, held), ev_docs.score(plan, held_docs)
+        c = wide.cost(x)
+        rows.append((group, label, c.bpw, c.bits, a.kl, a.ppl, d.kl, d.ppl))
+        emit(f"{group:<40} {label:<34} {c.bpw:>6.3f} {c.bits:>6.3f} {a.kl:>8.4f} {a.ppl:>8.2f} {d.kl:>8.4f} "
+             f"{d.ppl:>8.2f} {seconds:>6.0f}")
+
+    base_a, base_d = ev.score(None, held), ev_docs.score(None, held_docs)
+    emit(f"\n# base model: ppl {base_a.ppl:.2f} (builtin), {base_d.ppl:.2f} ({BUILTIN_DOCS})")
+    emit(f"\n{'family / method':<40} {'plan':<34} {'bpw':>6} {'bits':>6} {'KL':>8} {'ppl':>8} {'KL docs':>8} "
+         f"{'ppl docs':>8} {'s':>6}")
+    for fam, specs in fams.items():
+        for s in parse_space({"levels": specs}).levels:
+            measure(fam, f"uniform {s.id}", Plan.of({u.name: s.id for u in session.units}))
+    for level in extra_c:
+        measure("llama.cpp mix (imatrix)", level, Plan.of({u.name: level for u in session.units}))
+
+    workdir = tempfile.mkdtemp(prefix="bpw-frontier-runs-")
+    evo_cfg = {"generations": args.generations, "offspring": args.offspring, "stages": [[2, 512], [1, 1024]]}
+
+    def evo(group: str, problem: Problem, budget: str) -> None:
+        t0 = time.perf_counter()
+        sev = InProcessEvaluator(session.loaded.model, session.db, problem, session.windows, dtype=DTYPES[md.dtype],
+                                 ref_cache_bytes=1e9)
+        run = RunDir.create(Path(tempfile.mkdtemp(dir=workdir)) / "uniform", {"method": "uniform"})
+        uni = make_searcher("uniform", problem, {"tokens": 1024}, args.seed)
+        run_search(uni, problem, sev.evaluate, run)
+        run = RunDir.create(Path(tempfile.mkdtemp(dir=workdir)) / "evo", {"method": "evo"})
+        s = make_searcher("evo", problem, {**evo_cfg, "init_x": list(uni.best())}, args.seed)
+        run_search(s, problem, sev.evaluate, run)
+        measure(group, f"evo @ {budget} ({sev.evaluations} evals)", problem.decode(s.best()), time.perf_counter() - t0)
+
+    for b in args.budgets.split(","):
+        evo("planner: evo over all levels", session.problem(parse_budget(f"{b}bpw")), f"{b}bpw")
+    if args.gguf_budget:
+        full = session.problem(parse_budget(f"{args.gguf_budget}bpw"))
+        gguf_only = _restrict(full, lambda lv: lv.startswith("gguf-") and not lv.startswith("gguf-q4_1"))
+        evo("planner: evo over gguf levels (no Q4_1)", gguf_only, f"{args.gguf_budget}bpw")
+
+    emit("\n## frontier: per bpw bracket, the lowest held-out KL (builtin / builtin-docs) of each kind of plan")
+    kinds = {"uniform format": lambda r: r[1].startswith("uniform") and not r[0].startswith("gguf"),
+             "uniform gguf type": lambda r: r[1].startswith("uniform") and r[0].startswith("gguf"),
+             "llama.cpp mix": lambda r: r[0].startswith("llama.cpp"), "planner evo": lambda r: r[0].startswith("planner")}
+    emit(f"{'bpw':<9} {'kind':<18} {'KL':>8} {'KL docs':>8} {'bpw':>6}  plan")
+    for lo, hi in [(2.5, 3.0), (3.0, 3.5), (3.5, 4.0), (4.0, 4.5), (4.5, 5.0)]:
+        for kind, pick in kinds.items():
+            best = min((r for r in rows if pick(r) and lo <= r[2] < hi), key=lambda r: r[4], default=None)
+            if best:
+                emit(f"{lo:.1f}-{hi:.1f}   {kind:<18} {best[4]:>8.4f} {best[6]:>8.4f} {best[2]:>6.3f}  {best[1]}")
+    emit(f"\n# total {time.perf_counter() - t_start:.0f} s")
+
+
+def _restrict(p: Problem, keep) -> Problem:
+    ladders = [[j for j, lv in enumerate(lad) if keep(lv)] for lad in p.levels]
+    width = max(len(lad) for lad in ladders)
+    code, stored = np.full((p.n_units, width), np.nan), np.full((p.n_units, width), np.nan)
+    for u, lad in enumerate(ladders):
+        code[u, :len(lad)], stored[u, :len(lad)] = p.code_bits[u, lad], p.stored_bits[u, lad]
+    return Problem(units=p.units, numel=p.numel, levels=tuple(tuple(p.levels[u][j] for j in lad)
+                                                               for u, lad in enumerate(ladders)),
+                   code_bits=code, stored_bits=stored, budget=p.budget, kinds=p.kinds, blocks=p.blocks)
+
+
+if __name__ == "__main__":
+    main()
