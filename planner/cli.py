@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-kl", type=float, default=None, help="hessian: accuracy target, the most compressed plan "
                    "with KL <= this (--budget optional: it caps the search)")
     s.add_argument("--max-ppl-increase", default=None, help="hessian: accuracy target as a perplexity increase, e.g. 2%%")
+    s.add_argument("--target", choices=["vllm", "llamacpp", "gptqmodel", "packed"], default=None,
+                   help="search only plans this engine can serve (its levels; fused groups share one scheme)")
     s.add_argument("--moe-cost", choices=["full", "frequency", "error"], default=None, help="moe-lp (and evo "
                    "--init moe-lp): expert cost frequency^a x weight^b x output error (full, default), routing only "
                    "(frequency) or output error only (error)")
@@ -302,7 +304,7 @@ def cmd_search(args) -> int:
         cfg = {"budget": args.budget, "method": method, "method_config": method_config,
                "space": args.space or DEFAULTS["space"], "uniform_tokens": args.uniform_tokens if args.uniform_tokens is not None else DEFAULTS["uniform_tokens"],
                "init": args.init or DEFAULTS["init"], "moe_lp": moe,
-               "score": args.score, "tie_fused": bool(args.tie_fused), "real": bool(args.real),
+               "score": args.score, "tie_fused": bool(args.tie_fused), "real": bool(args.real), "target": args.target,
                "model_data": dataclasses.asdict(md)}
     space = load_space(cfg["space"])
     budget = parse_budget(cfg["budget"]) if cfg["budget"] else None    # None: only an accuracy target
@@ -312,6 +314,10 @@ def cmd_search(args) -> int:
     from planner.sensitivity import problem_for
 
     problem = problem_for(session, budget, cfg.get("tie_fused", False))   # infeasible budget: error before the run dir exists
+    if cfg.get("target"):
+        from planner.export.targets import Target, search_problem
+
+        problem = search_problem(problem, Target(cfg["target"]), {u.name: u.shape for u in session.units})
     if cfg.get("real"):
         from planner.runtime import real_evaluator
 

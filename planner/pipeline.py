@@ -68,7 +68,7 @@ class Session:
     def problem(self, budget: Budget) -> Problem:
         p = self.db.problem(self.units, budget)
         if self.space.tie is Tie.FUSED:     # the space ties fused groups (q/k/v, gate/up) to one level
-            p = dataclasses.replace(p, ties=tuple(u.group for u in self.units), _index={})
+            p = dataclasses.replace(p, ties=tuple(u.group for u in self.units), _index={}).fused()
         p.check_budget()
         return p
 

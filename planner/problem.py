@@ -43,10 +43,48 @@ class Problem:
     blocks: tuple[int, ...] = ()      # per unit decoder-block index (for reports and position rules)
     ties: tuple[str, ...] = ()        # per unit tie-group id: units sharing a non-empty id take one level id
     kept: np.ndarray | None = None    # [U, L] weights kept (not pruned) of unit u at level l; None: all
+    members: tuple[tuple[str, ...], ...] = ()   # per unit, the model units it stands for (fused ties); () : itself
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index.update({name: i for i, name in enumerate(self.units)})
+        for i, names in enumerate(self.members):
+            self._index.update({name: i for name in names})
+
+    @property
+    def model_units(self) -> tuple[str, ...]:
+        """The model's units a plan names: the members of fused units, in order."""
+        return tuple(n for i, u in enumerate(self.units) for n in (self.members[i] if self.members else (u,)))
+
+    def unit_index(self, name: str) -> int:
+        """The index of the (possibly fused) unit that covers model unit `name`."""
+        return self._index[name]
+
+    def fused(self) -> Problem:
+        """Each tie group becomes ONE unit whose ladder is the level ids all members share, with
+        costs summed: every searcher then keeps fused groups on one level without knowing about
+        ties, and plans still decode to every member. A problem without ties is returned as is."""
+        groups = {int(g[0]): g for g in self.tie_groups()}
+        if not groups:
+            return self
+        in_group = {int(i) for g in groups.values() for i in g}
+        order = [[i] for i in range(self.n_units) if i not in in_group] + [list(map(int, g)) for g in groups.values()]
+        order.sort(key=lambda g: g[0])
+        ladders = [[lv for lv in self.levels[g[0]] if all(lv in self.levels[m] for m in g)] for g in order]
+        width = max(len(lad) for lad in ladders)
+        cols = {k: np.full((len(order), width), np.nan) for k in ("code", "stored", "kept")}
+        kept_all = self.unit_cost(Metric.DENSITY)
+        for r, (g, lad) in enumerate(zip(order, ladders, strict=True)):
+            idx = [[self.levels[m].index(lv) for m in g] for lv in lad]
+            for k, table in (("code", self.code_bits), ("stored", self.stored_bits), ("kept", kept_all)):
+                cols[k][r, :len(lad)] = [sum(table[m, j] for m, j in zip(g, js, strict=True)) for js in idx]
+        name = lambda g: self.units[g[0]] + "".join("+" + self.units[m].rsplit(".", 1)[-1] for m in g[1:])  # noqa: E731
+        return Problem(units=tuple(name(g) for g in order), numel=np.array([self.numel[g].sum() for g in order]),
+                       levels=tuple(tuple(lad) for lad in ladders), code_bits=cols["code"], stored_bits=cols["stored"],
+                       budget=self.budget, kinds=tuple("+".join(self.kinds[m] for m in g) for g in order) if self.kinds else (),
+                       blocks=tuple(self.blocks[g[0]] for g in order) if self.blocks else (),
+                       kept=cols["kept"] if self.kept is not None else None,
+                       members=tuple(tuple(self.units[m] for m in g) for g in order))
 
     # --- shape -------------------------------------------------------------------------
     @property
@@ -74,17 +112,24 @@ class Problem:
     def encode(self, plan: Plan) -> np.ndarray:
         """Level indices of a plan; BadPlan if it does not name exactly this problem's units and levels."""
         m = plan.as_dict()
-        extra = set(m) - set(self._index)
-        missing = [u for u in self.units if u not in m]
+        names = self.model_units
+        extra = set(m) - set(names)
+        missing = [u for u in names if u not in m]
         if extra or missing:
             which = f"unknown unit {sorted(extra)[0]!r}" if extra else f"no level for {missing[0]!r}"
             raise BadPlan(f"plan does not fit this model/search space ({which}): was it made for another model or space?")
-        bad = [(u, m[u]) for i, u in enumerate(self.units) if m[u] not in self.levels[i]]
+        bad = [(u, m[u]) for u in names if m[u] not in self.levels[self.unit_index(u)]]
         if bad:
             raise BadPlan(f"plan gives {bad[0][0]} the level {bad[0][1]!r}, which this search space lacks: pass --space")
-        return np.array([self.levels[i].index(m[u]) for i, u in enumerate(self.units)], dtype=np.int64)
+        split = [u for i, g in enumerate(self.members) if len({m[n] for n in g}) > 1 for u in g[:1]]
+        if split:
+            raise BadPlan(f"plan gives the fused group of {split[0]} more than one level: fused units share one")
+        first = [g[0] for g in self.members] if self.members else self.units
+        return np.array([self.levels[i].index(m[u]) for i, u in enumerate(first)], dtype=np.int64)
 
     def decode(self, x) -> Plan:
+        if self.members:
+            return Plan.of({n: self.levels[i][int(x[i])] for i, g in enumerate(self.members) for n in g})
         return Plan.of({u: self.levels[i][int(x[i])] for i, u in enumerate(self.units)})
 
     # --- costs -------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def problem_to_json(p: Problem) -> dict:
             "budget": {"value": p.budget.value, "metric": p.budget.metric.value}, "kinds": list(p.kinds),
             "blocks": list(p.blocks), **({"ties": list(p.ties)} if p.ties else {}),
             **({"kept": _nan_to_none(p.kept)} if p.kept is not None else {}),
+            **({"members": [list(g) for g in p.members]} if p.members else {}),
             **({"budget_also": [{"value": b.value, "metric": b.metric.value} for b in p.budget.also]}
                if p.budget.also else {})}
 
@@ -90,7 +91,8 @@ def problem_from_json(d: dict) -> Problem:
                    budget=Budget(d["budget"]["value"], Metric(d["budget"]["metric"]),
                                  tuple(Budget(b["value"], Metric(b["metric"])) for b in d.get("budget_also", ()))),
                    kinds=tuple(d.get("kinds", ())), blocks=tuple(d.get("blocks", ())), ties=tuple(d.get("ties", ())),
-                   kept=arr(d["kept"]) if "kept" in d else None)
+                   kept=arr(d["kept"]) if "kept" in d else None,
+                   members=tuple(tuple(g) for g in d.get("members", ())))
 
 
 class RunDir:

@@ -40,8 +40,8 @@ class InProcessEvaluator:
         self.batch_windows = batch_windows
         self.prefix_cache, self.kl_topk = prefix_cache, kl_topk
         self._decoder = model.base_model
-        slices = [u for u in problem.units if expert_slice(model, u) is not None]   # fused MoE experts
-        self._modules = {u: model.get_submodule(u) for u in problem.units if u not in slices}
+        slices = [u for u in problem.model_units if expert_slice(model, u) is not None]   # fused MoE experts
+        self._modules = {u: model.get_submodule(u) for u in problem.model_units if u not in slices}
         self._experts = ExpertSlices(model, slices, lambda u, level: db.weight(u, level, dtype))
         self._base = {u: m.weight.data for u, m in self._modules.items()}
         self._blocks = np.asarray(problem.blocks if problem.blocks else np.zeros(problem.n_units, dtype=int))
@@ -55,12 +55,12 @@ class InProcessEvaluator:
     def apply(self, plan: Plan | None) -> None:
         """Swap in the plan's weights; units the plan does not name keep the base weights."""
         chosen = plan.as_dict() if plan else {}
-        unknown = set(chosen) - set(self.problem.units)
+        unknown = set(chosen) - set(self.problem.model_units)
         if unknown:
             raise BadPlan(f"plan names {len(unknown)} unit(s) this model/space lacks, e.g. {sorted(unknown)[0]!r}: "
                           "was it made for another model or search space?")
         for u, level in chosen.items():
-            if level not in self.problem.levels[self.problem._index[u]]:
+            if level not in self.problem.levels[self.problem.unit_index(u)]:
                 raise BadPlan(f"plan gives {u} the level {level!r}, which the search space lacks")
         for u, m in self._modules.items():
             level = chosen.get(u)

@@ -102,6 +102,8 @@ def export_run(run_path: str | Path, ref: str, fmt: str, out: str | Path, dtype:
     cfg = run.config
     session = prepare(ModelData(**cfg["model_data"]), load_space(cfg["space"]), quiet=quiet)
     cost = problem.cost(problem.encode(plan))
+    if problem.members:      # a search --target run: exporters see the model's own units
+        problem = session.db.problem(session.units, problem.budget)
     info = {"run": str(run.path), "bits": cost.bits, "bpw": cost.bpw, "bytes": cost.nbytes}
     best = run.read("best_plan.json") or {}
     if best.get("id") == plan.id:

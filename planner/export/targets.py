@@ -21,6 +21,7 @@ Level ids are read back into (method, bits, group size, symmetric) by `parse_lev
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Mapping
@@ -145,13 +146,14 @@ def check_deployable(plan: Plan, problem: Problem, target: Target,
     """Every reason `target` cannot serve `plan` ([] when it can). Without `shapes` ((out, in) per
     unit), the checks that depend on matrix columns are skipped."""
     x = problem.encode(plan)
-    chosen = [problem.levels[i][int(x[i])] for i in range(problem.n_units)]
+    levels = plan.as_dict()
     out = []
-    for i, unit in enumerate(problem.units):
-        why = level_problem(chosen[i], target, _in_features(problem, shapes, unit))
+    for unit in problem.model_units:       # a fused unit's members (search --target) are checked one by one
+        why = level_problem(levels[unit], target, _in_features(problem, shapes, unit))
         if why:
-            out.append(Violation(unit, chosen[i], why))
-    if RULES[target].fused_share_scheme:
+            out.append(Violation(unit, levels[unit], why))
+    chosen = [problem.levels[i][int(x[i])] for i in range(problem.n_units)]
+    if RULES[target].fused_share_scheme and not problem.members:   # fused units share one level by construction
         for group in _fused_groups(problem):
             schemes = {scheme(chosen[i]) for i in group}
             if len(schemes) > 1:
@@ -214,3 +216,17 @@ def restrict_space(problem: Problem, target: Target,
                                 f"use a search space with levels {target.value} serves")
     allowed = tuple(tuple(problem.levels[u].index(lv) for lv in ids) for u, ids in enumerate(allowed_ids))
     return Restriction(problem, allowed, tuple(tuple(g) for g in tied))
+
+
+def search_problem(problem: Problem, target: Target, shapes: Mapping[str, tuple[int, int]] | None = None) -> Problem:
+    """What `planner search --target` optimizes: the levels the target serves, and each group that
+    must share one scheme fused into a single unit (`Problem.fused`), so that every searcher's
+    plans are deployable by construction."""
+    r = restrict_space(problem, target, shapes)
+    ties = [""] * problem.n_units
+    for k, group in enumerate(r.tied):
+        for u in group:
+            ties[u] = f"fused{k}"
+    restricted = dataclasses.replace(r.problem(), ties=tuple(ties), _index={}).fused()
+    restricted.check_budget()
+    return restricted

@@ -85,10 +85,12 @@ class Sensitivity:
 
         Clipped at 0: every score estimates a non-negative quantity (the KL Hessian is PSD at the
         base model), so a negative value is estimation noise on a unit that barely matters."""
-        missing = [u for u in problem.units if u not in self.damage]
+        missing = [u for u in problem.model_units if u not in self.damage]
         if missing:
             raise PlannerError(f"sensitivity has no entry for unit {missing[0]!r}: recompute it for this model")
-        return [[max(0.0, float(self.damage[u][lv])) for lv in problem.levels[i]] for i, u in enumerate(problem.units)]
+        names = problem.members or tuple((u,) for u in problem.units)   # a fused unit's damage: its members' sum
+        return [[sum(max(0.0, float(self.damage[n][lv])) for n in names[i]) for lv in problem.levels[i]]
+                for i in range(problem.n_units)]
 
     def to_json(self) -> dict:
         return {"schema": SENS_SCHEMA, **asdict(self)}
