@@ -345,10 +345,14 @@ def summary_table(rows, base, problem, session, run, seconds: float) -> str:
              f"bits/bpw count the {problem.n_units} decoder-block linears ({n / 1e6:.1f}M weights; embeddings and lm_head excluded)",
              "", f"{'plan':<34} {'bits':>6} {'bpw':>6} {'MB':>7} {'KL':>8} {'ppl':>8}",
              f"{'base model (reference)':<34} {'':>6} {'':>6} {'':>7} {0.0:>8.4f} {base.ppl:>8.3f}"]
+    prunes = problem.kept is not None and bool((problem.kept < problem.numel[:, None]).any())
+    if prunes:                                      # pruning levels: the sparsity of every plan too
+        lines[-2:] = [lines[-2] + f" {'sparse':>7}", lines[-1] + f" {'':>7}"]
     for r in rows:
         mark = " *" if r.label == "best" else ""
         label = f"best ({r.method})" if r.label == "best" else r.label
-        lines.append(f"{label + mark:<34} {r.bits:>6.3f} {r.bpw:>6.3f} {r.bytes / 1e6:>7.2f} {r.kl:>8.4f} {r.ppl:>8.3f}")
+        lines.append(f"{label + mark:<34} {r.bits:>6.3f} {r.bpw:>6.3f} {r.bytes / 1e6:>7.2f} {r.kl:>8.4f} {r.ppl:>8.3f}"
+                     + (f" {problem.cost(r.x).sparsity:>7.1%}" if prunes else ""))
     lines += ["", f"run dir: {run.path}", f"next:    planner eval {run.path / 'best_plan.json'}",
               f"         planner report {run.path}"]
     return "\n".join(lines)
