@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,16 +26,11 @@ from .test_cli import run_cli
 ray = pytest.importorskip("ray")
 
 from planner.distributed import Cluster, ClusterSpec  # noqa: E402
+from planner.distributed.cluster import free_port  # noqa: E402
 
 EVO = {"generations": 2, "offspring": 3, "stages": [[2, 64], [1, 128]]}
 SEARCH = ["--budget", "3.0bits", "--generations", "2", "--offspring", "3", "--stages", "2@64,1@128",
           "--uniform-tokens", "128", "--dtype", "fp32"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,9 @@ import pytest
 ray = pytest.importorskip("ray")
 AUTH = {"RAY_AUTH_MODE": "disabled"}     # a loopback-only test cluster
 
-from .test_ray import cli_pair, free_port  # noqa: E402,F401  (cli_pair: a fixture)
+from planner.distributed.cluster import free_port  # noqa: E402
+
+from .test_ray import cli_pair  # noqa: E402,F401  (a fixture)
 
 
 def descendants(pid: int) -> list[int]:

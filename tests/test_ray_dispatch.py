@@ -1,6 +1,7 @@
 """The scheduling layer without Ray: task grids cover every (candidate, batch) once, per-batch sums
 fold exactly as the in-process evaluator sums, the dispatcher retries a dead worker's task, retires
-a worker that keeps dying and gives up a task that kills every worker; and, with simulated
+a worker that keeps dying and gives up a task that kills every worker; a worker (run in-process)
+with a weight cache far smaller than the levels gives the in-process numbers; and, with simulated
 (sleeping) workers, the dispatcher loses < 10% of the planned makespan up to 32 workers."""
 
 from __future__ import annotations
@@ -121,3 +122,24 @@ def test_simulated_wide_workload_scales_to_32_workers():
     of linear speedup over one in-process worker at 32 workers."""
     r = simulate([Stage(128, 8)], 32, unit_s=0.01)
     assert r.overall >= 0.9 and r.dispatch >= 0.9, r
+
+
+def test_worker_with_a_small_weight_cache_gives_the_in_process_sums(tiny_sessions, one_thread):
+    from planner.budget import parse_budget
+    from planner.distributed.worker import EvalWorker, Work, WorkerSpec
+    from planner.search.operators import level_switch
+
+    session = tiny_sessions("fp32")
+    problem = session.problem(parse_budget("3.0bits"))
+    worker = EvalWorker(WorkerSpec(model=str(session.loaded.source), db_path=str(session.db.path),
+                                   windows=session.windows, dtype="fp32", cache_bytes=2e5))
+    rng = np.random.default_rng(3)
+    parent = np.full(problem.n_units, 1)
+    xs = tuple(tuple(int(v) for v in level_switch(parent, problem, rng, 2)) for _ in range(5))
+    windows = session.windows.draw(512, 5)
+    batches = tuple(windows[s:s + 4] for s in range(0, len(windows), 4))
+    done = worker.run("k", problem, Work(xs, batches))
+    want = session.evaluator(problem).score_many(list(xs), windows)
+    got = [fold(done.output.sums[:, i], len(windows), session.windows.seqlen) for i in range(len(xs))]
+    assert got == want and not done.output.errors
+    assert worker.db.nbytes <= 2e5 + 8 * 128 * 64 * 4 and worker.db.misses > problem.n_units   # it evicted

@@ -36,6 +36,7 @@ class ClusterSpec:
     gpus: float | None = None      # GPUs per worker; None: 1 when the cluster has GPUs, else CPU workers
     max_restarts: int = 2          # per actor, after a crash
     max_attempts: int = 3          # per task, across worker deaths
+    cache_bytes: float | None = None   # dequantized levels a worker keeps (LRU); None: all (CPU), half the GPU
     start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -60,7 +61,7 @@ class Cluster:
             if spec.address:
                 ray.init(address=spec.address, logging_level=logging.WARNING)
             else:   # "local": never attach to someone else's `ray start` on this machine by accident
-                ray.init(address="local", num_cpus=(spec.workers or 1) * spec.threads, dashboard_port=_free_port(), **kw)
+                ray.init(address="local", num_cpus=(spec.workers or 1) * spec.threads, dashboard_port=free_port(), **kw)
         res = ray.cluster_resources()
         self.gpus = spec.gpus if spec.gpus is not None else (1.0 if res.get("GPU", 0) >= 1 else 0.0)
         self.size = spec.workers or max(1, int(res.get("GPU", 0) / self.gpus if self.gpus else
@@ -137,7 +138,7 @@ def shutdown() -> None:
         c.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A free local port for the (minimal) dashboard head: two Rays on one machine must not share one."""
     import socket
 

@@ -63,7 +63,8 @@ class RayExecutor:
         spec = session.spec
         actors = cluster.start(WorkerSpec(model=str(session.loaded.source), db_path=str(session.db.path),
                                           windows=session.windows, dtype=spec.dtype, kl_topk=spec.kl_topk,
-                                          threads=cluster.spec.threads, trust_remote_code=spec.trust_remote_code))
+                                          threads=cluster.spec.threads, trust_remote_code=spec.trust_remote_code,
+                                          cache_bytes=cluster.spec.cache_bytes))
         self.problem, self.windows, self.cluster = problem, session.windows, cluster
         self.cost = cost_model(session, problem)
         self.backend = RayBackend(ray, actors, uuid.uuid4().hex, ray.put(problem))

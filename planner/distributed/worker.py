@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ class WorkerSpec:
     kl_topk: int | None = None
     threads: int = 1            # torch threads of a CPU worker: one per core it was given, never all cores
     trust_remote_code: bool = False
+    cache_bytes: float | None = None   # dequantized levels kept (LRU); None: all on CPU, half the free memory on GPU
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,15 @@ class _SumsEvaluator(InProcessEvaluator):
 
 
 class _DeviceDB:
-    """A levels DB whose dequantized weights live on the worker's accelerator (written to spec for
-    GPUs, not run here: this machine has none). Host copies are dropped once moved."""
+    """A levels DB whose dequantized weights live on the worker's device in an LRU of `budget`
+    bytes, none kept on the host: LevelsDB caches every level of every unit it reads (6 bf16
+    levels: 12 bytes a weight, 84 GB for Llama-3-8B), which no GPU holds. A plan touches few units
+    beyond its parent's, so the working set is small; an evicted unit is re-read from its file."""
 
-    def __init__(self, db: LevelsDB, device: torch.device):
-        self._db, self._device, self._cache = db, device, {}
+    def __init__(self, db: LevelsDB, device: torch.device, budget: float):
+        self._db, self._device, self.budget = db, device, budget
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.nbytes = self.misses = 0
 
     def __getattr__(self, name):
         return getattr(self._db, name)
@@ -78,8 +84,20 @@ class _DeviceDB:
     def weight(self, unit: str, level: str, dtype: torch.dtype) -> torch.Tensor:
         key = (unit, level, dtype)
         if key not in self._cache:
-            self._cache[key] = self._db.weight(unit, level, dtype).to(self._device)
-            self._db._dequantized.pop(key, None)
+            self.misses += 1
+            self._db.weight(unit, level, dtype)            # one file read dequantizes every level of the unit
+            for lv in self._db.levels(unit):
+                w = self._db._dequantized.pop((unit, lv.id, dtype)).to(self._device)
+                self._cache[(unit, lv.id, dtype)] = w
+                self.nbytes += w.numel() * w.element_size()
+            while self.nbytes > self.budget and len(self._cache) > 1:
+                k, w = self._cache.popitem(last=False)
+                if k != key:
+                    self.nbytes -= w.numel() * w.element_size()
+                else:
+                    self._cache[k] = w
+                    break
+        self._cache.move_to_end(key)
         return self._cache[key]
 
 
@@ -93,7 +111,10 @@ class EvalWorker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(spec.model, torch.float32, spec.trust_remote_code).model.to(self.device)
         db = LevelsDB(spec.db_path)
-        self.db = db if self.device.type == "cpu" else _DeviceDB(db, self.device)
+        budget = spec.cache_bytes
+        if budget is None and self.device.type == "cuda":
+            budget = 0.5 * torch.cuda.mem_get_info()[0]
+        self.db = db if budget is None else _DeviceDB(db, self.device, budget)
         w = spec.windows     # ids arrive read-only from the object store: a private (device) copy
         self.windows = Windows(w.ids.to(self.device, copy=True), w.calib, w.heldout, w.pool)
         self._key: str | None = None
