@@ -52,7 +52,7 @@ def k(bits, gs, sb, sym=False, rounding="gptq"):
 
 def families(gguf_rounding: str) -> dict[str, list[dict]]:
     return {
-        "rtn g128 (min-max; fp16 scale + int zero)": [{"method": "rtn", "bits": [2, 3, 4], "group_size": 128}],
+        "rtn g128 (min-max; fp16 scale + int zero)": [{"method": "rtn", "bits": [3, 4], "group_size": 128}],
         "gptq g128 (fp16 scale + int zero)": [{"method": "gptq", "bits": [2, 3, 4], "group_size": 128}],
         "super-block int, diag": [k(2, 16, 4, rounding="diag"), k(3, 16, 6, True, "diag"), k(4, 32, 6, rounding="diag")],
         "super-block int, gptq": [k(2, 16, 4), k(3, 16, 6, True), k(4, 32, 6)],

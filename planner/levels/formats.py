@@ -36,7 +36,7 @@ from planner.levels.grids import Format, Grid, Params, decode_scales, dequantize
 from planner.levels.pack import pack_codes, unpack_codes
 from planner.levels.registry import Builder, BuildOptions, register_builder
 
-FORMAT_VERSION = 1   # part of every spec's JSON (and so of the levels DB key): bump when numerics change
+FORMAT_VERSION = 2   # part of every spec's JSON (and so of the levels DB key): bump when numerics change
 
 
 class Rounding(str, enum.Enum):
@@ -170,9 +170,10 @@ class FormatWeight:
 
 
 def quantize_format(W: torch.Tensor, fmt: Format, rounding: Rounding, H: torch.Tensor | None = None,
-                    awq: bool = False, damp: float = 0.01, block_size: int = 128) -> FormatWeight:
+                    awq: bool = False, damp: float = 0.01, block_size: int = 128, factor=None) -> FormatWeight:
     """One unit at one format level. H (the GPTQ Hessian of the unit's input) is needed for
-    diag, gptq and awq; minmax and mse use the weights alone."""
+    diag, gptq and awq; minmax and mse use the weights alone. `factor`: H's inverse factor, shared
+    by the GPTQ levels of one unit (ignored with awq, whose H is rescaled)."""
     if W.dim() != 2 or W.numel() == 0 or not torch.isfinite(W).all():
         raise ValueError(f"W must be a finite, non-empty [out, in] matrix, got shape {tuple(W.shape)}")
     if rounding not in FORMAT_ROUNDINGS:
@@ -187,12 +188,12 @@ def quantize_format(W: torch.Tensor, fmt: Format, rounding: Rounding, H: torch.T
         colscale = imp_.awq_scales(W, imp, fmt, fmt.values(imp_.kmeans_table(W, imp, fmt))
                                    if fmt.grid is Grid.KMEANS else fmt.values())
         W, imp = W * colscale, imp / colscale.double() ** 2
-        H = H / (colscale[:, None] * colscale[None, :])
+        H, factor = H / (colscale[:, None] * colscale[None, :]), None
     w_imp = imp if rounding in (Rounding.DIAG, Rounding.GPTQ) else None   # minmax/mse: every weight alike
     table = imp_.kmeans_table(W, w_imp, fmt) if fmt.grid is Grid.KMEANS else None
     values = fmt.values(table)
     if rounding is Rounding.GPTQ:
-        q, p = imp_.gptq_format(W, H, fmt, values, w_imp, percdamp=damp, block_size=block_size)
+        q, p = imp_.gptq_format(W, H, fmt, values, w_imp, percdamp=damp, block_size=block_size, factor=factor)
     else:
         q, p = imp_.rtn_format(W, fmt, values, w_imp, search=rounding is not Rounding.MINMAX)
     return FormatWeight.from_params(fmt, q, p, table, colscale)
@@ -244,7 +245,9 @@ def parse_format(fam: dict, at: str) -> list[FormatSpec]:
 
 
 def build_format(W: torch.Tensor, H: torch.Tensor | None, specs: list[FormatSpec], opt: BuildOptions) -> dict:
-    return {s.id: quantize_format(W, s.fmt, s.rounding, H, s.awq, opt.damp, opt.block_size) for s in specs}
+    """Every spec of one unit; the GPTQ levels share one factorization of H."""
+    factor = imp_.shared_factor(H, opt.damp, any(s.rounding is Rounding.GPTQ and not s.awq for s in specs))
+    return {s.id: quantize_format(W, s.fmt, s.rounding, H, s.awq, opt.damp, opt.block_size, factor) for s in specs}
 
 
 register_builder(Builder("format", parse_format, build_format, FormatWeight.from_tensors, needs_hessian=True))

@@ -36,7 +36,7 @@ from planner.levels.formats import FORMAT_ROUNDINGS, Rounding, _enum_list, _need
 from planner.levels.gguf_blocks import GGUF_FORMATS, encode_blocks
 from planner.levels.registry import Builder, BuildOptions, register_builder
 
-GGUF_LEVELS_VERSION = 1
+GGUF_LEVELS_VERSION = 2
 # llama.cpp's llama_tensor_get_type: the type used when a row is not a multiple of the block
 FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL",
             "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL",
@@ -160,7 +160,7 @@ def llama_quantize(W: torch.Tensor, name: str, imatrix: torch.Tensor | None) -> 
 
 
 def quantize_gguf(W: torch.Tensor, name: str, rounding: Rounding, H: torch.Tensor | None = None,
-                  damp: float = 0.01, block_size: int = 128) -> GGUFWeight:
+                  damp: float = 0.01, block_size: int = 128, factor=None) -> GGUFWeight:
     """W [out, in] as the GGUF tensor llama.cpp would store when asked for type `name`."""
     W = W.detach().float()
     typ = stored_type(name, W.shape[1])
@@ -174,7 +174,7 @@ def quantize_gguf(W: torch.Tensor, name: str, rounding: Rounding, H: torch.Tenso
         fmt = GGUF_FORMATS[typ]
         values = fmt.values()
         if rounding is Rounding.GPTQ:
-            q, p = imp_.gptq_format(W, H, fmt, values, imp, percdamp=damp, block_size=block_size)
+            q, p = imp_.gptq_format(W, H, fmt, values, imp, percdamp=damp, block_size=block_size, factor=factor)
         else:
             q, p = imp_.rtn_format(W, fmt, values, imp, search=rounding is not Rounding.MINMAX)
         blocks = encode_blocks(typ, q, p)
@@ -213,10 +213,11 @@ def build_gguf(W: torch.Tensor, H: torch.Tensor | None, specs: list[GGUFSpec], o
     """Every spec of one unit; specs that store the same type (fallbacks) are quantized once."""
     done: dict[tuple[str, Rounding], GGUFWeight] = {}
     out = {}
+    factor = imp_.shared_factor(H, opt.damp, any(s.rounding is Rounding.GPTQ for s in specs))
     for s in specs:
         key = (s.stored_type(tuple(W.shape)), s.rounding)
         if key not in done:
-            done[key] = quantize_gguf(W, s.type, s.rounding, H, opt.damp, opt.block_size)
+            done[key] = quantize_gguf(W, s.type, s.rounding, H, opt.damp, opt.block_size, factor)
         out[s.id] = done[key]
     return out
 

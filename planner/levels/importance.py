@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from planner.levels.gptq import inverse_hessian_factor
-from planner.levels.grids import Format, Params, _groups, assign, dequantize, fit_span, nf_table, quantize_with
+from planner.levels.grids import Format, Grid, Params, _groups, dequantize, fit_span, nf_table, quantize_with
 
 AWQ_ALPHAS = (0.25, 0.5, 0.75, 1.0)
 
@@ -58,17 +58,26 @@ def kmeans_table(W: torch.Tensor, imp: torch.Tensor | None, fmt: Format, iters: 
     return c.to(torch.float16).sort().values
 
 
+def shared_factor(H: torch.Tensor | None, percdamp: float, needed: bool):
+    """inverse_hessian_factor(H) once for all GPTQ levels of a unit (None when none needs it)."""
+    return inverse_hessian_factor(H, percdamp) if needed and H is not None else None
+
+
 def gptq_format(W: torch.Tensor, H: torch.Tensor, fmt: Format, values: torch.Tensor, imp: torch.Tensor | None,
-                percdamp: float = 0.01, block_size: int = 128) -> tuple[torch.Tensor, Params]:
-    """GPTQ with `fmt`'s parameters and table: (codes [out, in] int64, the row's Params)."""
-    Hinv, dead = inverse_hessian_factor(H, percdamp)
+                percdamp: float = 0.01, block_size: int = 128,
+                factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, Params]:
+    """GPTQ with `fmt`'s parameters and table: (codes [out, in] int64, the row's Params).
+    `factor` = inverse_hessian_factor(H, percdamp), when the caller shares it between levels."""
+    Hinv, dead = factor if factor is not None else inverse_hessian_factor(H, percdamp)
     W = W.detach().float().clone()
     W[:, dead] = 0
     out, cols = W.shape
     gw = fmt.group_width(cols)
     span = min(gw * fmt.super_groups if fmt.double else gw, cols)
     B = span * max(1, block_size // span)        # lazy blocks hold whole spans
-    vf, vd = values.float(), values.double()
+    vf = values.float()
+    mid = (vf[1:] + vf[:-1]) / 2
+    off = 2 ** (fmt.bits - 1) if fmt.symmetric else 0
     Q = torch.zeros(out, cols, dtype=torch.long)
     parts: list[Params] = []
     for i1 in range(0, cols, B):
@@ -81,15 +90,23 @@ def gptq_format(W: torch.Tensor, H: torch.Tensor, fmt: Format, values: torch.Ten
                 s2 = min(col + span, cols)
                 p = fit_span(W1[:, i:s2 - i1], None if imp is None else imp[col:s2], fmt, values, search=True)
                 parts.append(p)
-                start = col
+                start, S, M = col, p.scale.T.contiguous(), p.mn.T.contiguous()
+                inv = torch.where(S == 0, torch.ones_like(S), S).reciprocal()
             g = (col - start) // gw
-            s, m = p.scale[:, g], p.mn[:, g]
             w = W1[:, i]
-            q = assign(w.double(), s.double(), m.double(), vd, fmt)
-            w_hat = s * vf[q] - m if fmt.has_min else s * vf[q]
+            r = (w + M[g]) * inv[g]
+            if fmt.grid is Grid.INT:        # the column's nearest codes, decoded exactly as dequantize does
+                q = r.round_().add_(off).clamp_(0, fmt.levels - 1)
+                w_hat = S[g] * (q - off)
+                q = q.long()
+            else:
+                q = torch.bucketize(r, mid)
+                w_hat = S[g] * vf[q]
+            if fmt.has_min:
+                w_hat = w_hat - M[g]
             Q[:, col] = q
             err = (w - w_hat) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q, Params.cat(parts)
