@@ -29,7 +29,7 @@ from planner.rundir import Row, RunDir
 from planner.search import make_searcher, run_search
 from planner.sensitivity import needs_sensitivity, proxy_inputs
 from planner.space import SearchSpace, Tie
-from planner.units import Unit, plan_units
+from planner.units import Unit, plan_units, subblock_ties
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ class Session:
 
     def problem(self, budget: Budget) -> Problem:
         p = self.db.problem(self.units, budget)
-        if self.space.tie is Tie.FUSED:     # the space ties fused groups (q/k/v, gate/up) to one level
-            p = dataclasses.replace(p, ties=tuple(u.group for u in self.units), _index={}).fused()
+        if self.space.tie is not Tie.NONE:   # fused groups (q/k/v, gate/up) or whole sub-blocks take one level
+            ties = (tuple(u.group for u in self.units) if self.space.tie is Tie.FUSED
+                    else subblock_ties(self.loaded.model, self.units))
+            p = dataclasses.replace(p, ties=ties, _index={}).fused()
         p.check_budget()
         return p
 

@@ -83,6 +83,14 @@ def plan_units(model: nn.Module, grouping: str = "linear") -> list[Unit]:
     return subblock_units(model, units) if grouping == "subblock" else units
 
 
+def subblock_ties(model: nn.Module, units: list[Unit]) -> tuple[str, ...]:
+    """Per linear unit, the id of its attention / MLP sub-block ("3.attn"; "" outside any), for
+    `tie: subblock`: a sub-block's linears then share one level, so a `drop` level drops it whole."""
+    fam = family_of(model.config.model_type)
+    sub_of = {k: sub for sub, kinds in (fam.subblocks if fam else ()) for k in kinds}
+    return tuple(f"{u.block}.{sub_of[u.kind]}" if u.kind in sub_of else "" for u in units)
+
+
 def cost_shapes(unit: Unit) -> list[tuple[int, int]]:
     """The shapes a level's cost is summed over: the unit's own, or its sub-block's linears."""
     return [shape for _, shape in unit.parts] or [unit.shape]

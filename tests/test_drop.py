@@ -107,3 +107,31 @@ def test_subblock_spaces_take_only_drop_levels():
         parse_space({"units": "subblock", "levels": [{"method": "rtn", "bits": 4}]})
     with pytest.raises(BadSearchSpace, match="keep / drop"):
         parse_space({"units": "subblock", "levels": [{"method": "drop", "levels": ["skip"]}]})
+
+
+def test_tie_subblock_drops_whole_subblocks_next_to_quantized_ones(tiny_model_data, tmp_path):
+    """`tie: subblock` on linear units: a sub-block's linears share one level, `drop` included."""
+    from planner.pipeline import prepare
+    from planner.space import load_space
+
+    path = tmp_path / "depth-rtn.yaml"
+    path.write_text("tie: subblock\nlevels:\n  - method: rtn\n    bits: [2, 4]\n    group_size: 32\n"
+                    "  - method: drop\n    levels: [drop]\n")
+    with torch_threads(1):
+        s = prepare(tiny_model_data, load_space(str(path)), quiet=True)
+    p = s.problem(parse_budget("50%sparsity"))
+    assert p.n_units == 4 and [len(m) for m in p.members] == [4, 3, 4, 3]
+    assert all(lad == ("drop", "rtn-b2-g32", "rtn-b4-g32") for lad in p.levels)
+    assert p.code_bits[:, 0].tolist() == [0, 0, 0, 0] and p.code_bits[1, 2] == 4 * p.numel[1]
+    x = np.array([0, 0, 2, 1])                        # block 0 dropped whole, block 1 at 4 / 2 bits
+    plan = p.decode(x).as_dict()
+    assert {plan[n] for n in p.members[0] + p.members[1]} == {"drop"} and len(plan) == 14
+    assert p.cost(x).sparsity == pytest.approx(sum(p.numel[:2]) / p.total_numel)
+    ev = s.evaluator(p)
+    model = s.loaded.model
+    ev.apply(p.decode(x))
+    try:
+        inp, out = _block_io(model, {}, 0)
+    finally:
+        ev.apply(None)
+    assert torch.equal(inp, out)
