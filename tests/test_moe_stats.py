@@ -155,9 +155,42 @@ def test_cli_moe_lp_then_evo_from_it(data_args, tmp_path):
     parents = [r for r in evo.results() if r.method == "evo" and r.label == "parent"]
     start = np.array(parents[0].x)                       # evo starts from the moe-lp plan, its slack filled
     assert (start >= np.array(lp_row.x)).all() and parents[0].bits <= 3.0 + 1e-9
-    touched = {i for r in evo.results() if r.method == "evo" for i, (a, b) in enumerate(zip(r.x, lp_row.x)) if a != b}
+    touched = {i for r in evo.results() if r.method == "evo" for i in np.flatnonzero(np.array(r.x) != lp_row.x)}
     problem = evo.load_problem()
     assert any(".experts." in problem.units[i] for i in touched)   # and mutates expert units
+    check_dashboard(runs, lp_row)
+
+
+def check_dashboard(runs, lp_row):
+    """`planner report` of both runs: the expert heatmap's data, and (with chromium) its drawing."""
+    from planner.moe.heatmap import expert_bits
+    from planner.report.dashboard import dashboard_data
+    from planner.report.tables import load_runs
+
+    rc, out, err = run_cli(["report", runs / "lp", runs / "evo", "--out", runs / "report.html"])
+    assert rc == 0, err
+    loaded = load_runs([runs / "lp", runs / "evo"])
+    moe = dashboard_data(loaded)["moe"]
+    assert moe["layers"] == [0, 1] and moe["experts"] == [0, 1, 2, 3]
+    np.testing.assert_allclose(np.sum(moe["frequency"], axis=1), 2.0)
+    bits = expert_bits(loaded.problem, lp_row.x, moe["units"])
+    assert bits.shape == (2, 4) and np.isfinite(bits).all()
+    from .test_dashboard import CHROMIUM, CHROMIUM_ARGS
+
+    if CHROMIUM is None:
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((runs / "report.html").as_uri())
+        page.wait_for_function("document.getElementById('experts').data !== undefined", timeout=20_000)
+        z = page.evaluate("document.getElementById('experts').data.map(t => t.z)")
+        browser.close()
+    assert len(z) == 2 and len(z[0]) == 2 and len(z[0][0]) == 4 and errors == []
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -88,12 +88,31 @@ function drawPlan() {
     `<td>${fmt(U.bpw[u][l], 4)}</td>` + (U.sparsity ? `<td>${fmt(U.sparsity[u][l], 3)}</td>` : "") + `</tr>`);
   $("levels").innerHTML = `<table><tr><th>unit</th><th>level</th><th>bits</th><th>bpw</th>` +
     (U.sparsity ? "<th>sparsity</th>" : "") + `</tr>${rows.join("")}</table>`;
+  drawExperts(x);
   $("selected").dataset.plan = P.id[sel];
   $("selected").textContent = `${P.id[sel]} (${P.methods[sel]}, run ${P.run[sel]}): KL ${fmt(P.kl[sel])}, ` +
     `bits ${fmt(P.bits[sel])}, bpw ${fmt(P.bpw[sel])}, ${fmt(P.mb[sel])} MB` +
     (P.heldout_kl[sel] !== null ? `, held-out KL ${fmt(P.heldout_kl[sel])}` : "");
   $("export").textContent = `planner export ${D.runs[P.run[sel]]} --plan ${P.id[sel]} --format ${$("export-format").value}` +
     ` --out exported-${P.id[sel]}`;
+}
+
+function drawExperts(x) {
+  // MoE models: each expert's bits (its matrices, by numel) next to its activation frequency
+  const M = D.moe, U = D.units;
+  $("experts-box").classList.toggle("hidden", !M);
+  if (!M) return;
+  const bits = M.units.map((row) => row.map((us) => (us.length ? us.reduce((a, u) => a + U.bits[u][x[u]] * U.numel[u], 0) /
+    us.reduce((a, u) => a + U.numel[u], 0) : null)));
+  const map = {type: "heatmap", x: M.experts, y: M.layers, texttemplate: "%{z:.2g}"};
+  const traces = [{...map, z: bits, colorscale: "Viridis", colorbar: {title: {text: "bits"}, x: M.frequency ? 0.45 : 1.02},
+    hovertemplate: "layer %{y} expert %{x}<br>%{z:.3f} bits<extra></extra>"}];
+  if (M.frequency) traces.push({...map, z: M.frequency, xaxis: "x2", yaxis: "y2", colorscale: "Magma",
+    colorbar: {title: {text: "frequency"}}, hovertemplate: "layer %{y} expert %{x}<br>routed %{z:.3f} of tokens<extra></extra>"});
+  Plotly.react("experts", traces, {grid: {rows: 1, columns: traces.length, pattern: "independent"},
+    xaxis: {title: {text: "expert (bits)"}}, xaxis2: {title: {text: "expert (activation frequency)"}},
+    yaxis: {title: {text: "layer"}, autorange: "reversed"}, yaxis2: {autorange: "reversed"},
+    height: 160 + 24 * M.layers.length, margin: {t: 30}}, {responsive: true});
 }
 
 function select(i) {

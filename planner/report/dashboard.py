@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from planner.budget import Metric
+from planner.moe.heatmap import moe_data
 from planner.report.html import summary_table, units_note
 from planner.report.tables import Runs, load_runs, ok_rows
 from planner.search.hypervolume import points_hypervolume
@@ -127,6 +128,7 @@ def dashboard_data(runs: Runs) -> dict:
                   "predicted": plans.predicted, "heldout_kl": plans.heldout_kl, "evaluations": plans.evaluations},
         "best": runs.best_id(), "run_best": best, "export_formats": EXPORT_FORMATS,
         "convergence": conv, "hypervolume": hv, "predicted": _predicted(runs), "sensitivity": _sensitivity(runs),
+        "moe": moe_data(runs),      # MoE models: per-expert bits next to activation frequency (planner/moe)
         "failed": int(len(runs.rows) - len(ok_rows(runs.rows))),
     })
 
@@ -152,6 +154,8 @@ def render(data: dict, live: dict | None = None) -> str:
 <h2>Selected plan <span id="selected" data-plan=""></span></h2>
 <p>export: <code id="export"></code> <select id="export-format"></select></p>
 <div class="row"><div id="heatmap"></div><div id="levels"></div></div>
+<div id="experts-box" class="hidden"><h2>Experts: bits of the selected plan and activation frequency</h2>
+<div id="experts"></div></div>
 <div id="sensitivity-box" class="hidden"><h2>Sensitivity per unit <span class=note id="sens-note"></span></h2>
 <div id="sensitivity"></div></div>
 <div class="row"><div><h2>Convergence</h2><div id="convergence"></div></div>
