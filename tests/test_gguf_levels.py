@@ -13,8 +13,9 @@ from planner.errors import BadSearchSpace
 from planner.levels import importance as imp_
 from planner.levels.formats import Rounding
 from planner.levels.gguf_blocks import GGUF_FORMATS, encode_blocks
-from planner.levels.gguf_levels import GGUFSpec, GGUFWeight, parse_gguf, quantize_gguf, stored_type
+from planner.levels.gguf_levels import GGUFSpec, GGUFWeight, build_gguf, parse_gguf, quantize_gguf, stored_type
 from planner.levels.grids import dequantize
+from planner.levels.registry import BuildOptions
 
 
 def problem(out=8, inp=512, seed=0):
@@ -98,6 +99,11 @@ def test_fallbacks_and_costs_follow_llama_quantize():
     W, H = problem(out=4, inp=96)
     w = quantize_gguf(W, "Q2_K", Rounding.GPTQ, H)
     assert w.gguf_type == "IQ4_NL" and w.nbytes == GGUFSpec("Q2_K", Rounding.GPTQ).nbytes((4, 96))
+    # Q2_K, Q3_K and IQ4_NL all store IQ4_NL here: quantized once, written as separate tensors
+    specs = parse_gguf({"method": "gguf", "types": ["Q2_K", "Q3_K", "IQ4_NL"], "rounding": "gptq"}, "at")
+    built = build_gguf(W, H, specs, BuildOptions())
+    tensors = load(save({k: v for s in specs for k, v in built[s.id].to_tensors(s.id).items()}))
+    assert all(torch.equal(GGUFWeight.from_tensors(tensors, s.id).blocks, w.blocks) for s in specs)
 
 
 def test_parse_family_and_errors():

@@ -216,9 +216,10 @@ def build_gguf(W: torch.Tensor, H: torch.Tensor | None, specs: list[GGUFSpec], o
     factor = imp_.shared_factor(H, opt.damp, any(s.rounding is Rounding.GPTQ for s in specs))
     for s in specs:
         key = (s.stored_type(tuple(W.shape)), s.rounding)
-        if key not in done:
-            done[key] = quantize_gguf(W, s.type, s.rounding, H, opt.damp, opt.block_size, factor)
-        out[s.id] = done[key]
+        if key in done:      # a copy: a unit file must not hold two names for one buffer
+            out[s.id] = GGUFWeight(done[key].gguf_type, done[key].shape, done[key].blocks.clone())
+        else:
+            out[s.id] = done[key] = quantize_gguf(W, s.type, s.rounding, H, opt.damp, opt.block_size, factor)
     return out
 
 
