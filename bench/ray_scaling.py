@@ -1,0 +1,250 @@
+"""Scaling of the Ray executor, measured where it can be and simulated where it cannot:
+
+1. the per-token evaluation cost of the default model (SmolLM2-135M) in-process, bf16 and fp32,
+   one thread: what docs/scale.md scales to Llama-3-8B / 70B / Mixtral by FLOPs;
+2. throughput of one EvoPress generation of the CPU schedule (16 offspring @512 tokens, then the
+   4 survivors and the parent @2048) in-process (1 and 2 threads) and on 1 and 2 local Ray workers
+   of one thread each, with each worker's utilisation, and a check that every KL is identical;
+   two workers share this machine's two cores with everything else running here (the load
+   average is printed): they are not expected to double anything;
+3. Ray's own cost per task: N sleeping actors (N up to 32 on 32 *logical* Ray CPUs) fed by the
+   planner's dispatcher, tasks of a known length: the fraction of the ideal wall time achieved;
+4. the simulated scaling table (planner.distributed.simulate: the real task planner and dispatcher,
+   workers that sleep for a task's estimated cost) for EvoPress's paper schedule and the CPU
+   schedule, 1 to 32 workers.
+
+    python bench/ray_scaling.py [--space rtn-g128] [--generations 2] [--out reports/ray_scaling.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from planner.budget import parse_budget  # noqa: E402
+from planner.distributed import Cluster, ClusterSpec  # noqa: E402
+from planner.distributed.cluster import free_port  # noqa: E402
+from planner.distributed.dispatch import Dispatcher, Done  # noqa: E402
+from planner.distributed.ray_executor import RayBackend  # noqa: E402
+from planner.distributed.simulate import SCHEDULES, Stage, simulate  # noqa: E402
+from planner.distributed.tasks import Task  # noqa: E402
+from planner.search.base import Candidate, Fidelity, derive_seed  # noqa: E402
+from planner.search.operators import level_switch  # noqa: E402
+
+OFFSPRING, STAGES = 16, ((4, 512), (1, 2048))     # the `cpu` schedule
+
+
+def load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def flops_per_token(cfg, seqlen: int) -> float:
+    """2 x (block linears + lm_head) MACs, plus attention scores and values (causal: half of T)."""
+    h, L, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
+    linears = L * (2 * h * h + 2 * h * kv + 3 * h * inter) + cfg.vocab_size * h
+    return 2 * linears + 2 * L * 2 * h * seqlen / 2
+
+
+def per_token_cost(session, problem, repeats: int = 2) -> list[str]:
+    import torch
+
+    from planner.evaluate.evaluator import InProcessEvaluator
+
+    lines = []
+    x = problem.decode(tuple(int(np.searchsorted(problem.code_bits[i] / problem.numel[i], 3.0)) for i in
+                             range(problem.n_units)))
+    windows = session.windows.draw(2048, 7)
+    flops = flops_per_token(session.loaded.model.config, session.windows.seqlen)
+    for dtype in ("bf16", "fp32"):
+        from planner.model.load import load_model
+
+        model = load_model(str(session.loaded.source), torch.float32).model
+        ev = InProcessEvaluator(model, session.db, problem, session.windows,
+                                dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+        ev.score(x, windows)                                        # references, dequantized levels
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ev.score(x, windows)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        tokens = len(windows) * session.windows.seqlen
+        lines.append(f"{dtype:5s} {t:7.2f} s per {tokens} tokens  {1e6 * t / tokens:8.1f} us/token  "
+                     f"{flops / 1e9:.3f} GFLOP/token  {flops * tokens / t / 1e9:7.1f} GFLOP/s effective")
+        del ev, model
+    return lines
+
+
+def generation(problem, parent, rng, gen: int) -> list[list[Candidate]]:
+    """The candidate batches of one generation of the cpu schedule (as EvoSearcher asks them)."""
+    kids = list({tuple(int(v) for v in level_switch(parent, problem, rng, int(rng.integers(1, 4))))
+                 for _ in range(OFFSPRING)})
+    out, k = [], kids
+    for stage, (survivors, tokens) in enumerate(STAGES):
+        f = Fidelity(tokens, derive_seed(0, gen, stage))
+        batch = [Candidate(x, f) for x in k]
+        if stage == len(STAGES) - 1:
+            batch.append(Candidate(tuple(parent), f, label="parent"))
+        out.append(batch)
+        k = k[:survivors]
+    return out
+
+
+def run_generations(evaluate, gens: list[list[list[Candidate]]]) -> tuple[float, int, list[float]]:
+    t0, tokens, kls = time.perf_counter(), 0, []
+    for g in gens:
+        for batch in g:
+            kls += [r.kl for r in evaluate(batch)]
+            tokens += sum(c.fidelity.tokens for c in batch)
+    return time.perf_counter() - t0, tokens, kls
+
+
+def throughput(session, problem, generations: int) -> list[str]:
+    import ray
+    import torch
+
+    rng = np.random.default_rng(0)
+    parent = np.array([int(np.searchsorted(problem.code_bits[i] / problem.numel[i], 3.0)) for i in
+                       range(problem.n_units)])
+    warm = [generation(problem, parent, rng, 1000)[:1]]   # references and dequantized levels, once
+    gens = [generation(problem, parent, rng, g) for g in range(generations)]
+    rows, ref = [], None
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        ev = session.evaluator(problem)
+        run_generations(ev.evaluate, warm)
+        wall, tokens, kls = run_generations(ev.evaluate, gens)
+        ref = ref or (wall, kls)
+        rows.append((f"in-process, {threads} thread{'s' * (threads > 1)}", wall, tokens, kls, ""))
+    torch.set_num_threads(1)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, dashboard_port=free_port(), logging_level="WARNING")
+    try:
+        for workers in (1, 2):
+            cluster = Cluster(ClusterSpec(workers=workers))
+            t0 = time.perf_counter()
+            ev = dataclasses.replace(session, cluster=cluster, _evaluator=None).evaluator(problem)
+            started = time.perf_counter() - t0
+            run_generations(ev.evaluate, warm)
+            d = cluster.dispatcher
+            d.wall_s, busy0 = 0.0, [s.busy_s for s in d.stats]
+            wall, tokens, kls = run_generations(ev.evaluate, gens)
+            util = " ".join(f"w{s.worker} {100 * (s.busy_s - b) / d.wall_s:.0f}%" for s, b in zip(d.stats, busy0,
+                                                                                                 strict=True))
+            rows.append((f"Ray, {workers} worker{'s' * (workers > 1)} x 1 thread", wall, tokens, kls,
+                         f"utilisation {util}; actors up in {started:.0f} s"))
+            cluster.close()
+    finally:
+        ray.shutdown()
+    out = [f"{'executor':32s} {'wall s':>7s} {'tok/s':>7s} {'speed-up':>8s}  identical KL  notes"]
+    for name, wall, tokens, kls, note in rows:
+        out.append(f"{name:32s} {wall:7.1f} {tokens / wall:7.0f} {ref[0] / wall:8.2f}  "
+                   f"{'yes' if kls == ref[1] else 'NO':12s}  {note}")
+    return out
+
+
+class SleepActor:
+    """A Ray actor that sleeps for a task's cost (x `unit_s`): Ray's overhead and nothing else."""
+
+    def __init__(self, unit_s: float):
+        self.unit_s = unit_s
+
+    def info(self) -> int:
+        return os.getpid()
+
+    def run(self, _key, _problem, task: Task) -> Done:
+        t0 = time.perf_counter()
+        time.sleep(task.cost * self.unit_s)
+        return Done(None, time.perf_counter() - t0, 0, os.getpid())
+
+
+def ray_overhead(counts: list[int], unit_s: float, per_worker: int) -> list[str]:
+    import ray
+
+    out = [f"{'actors':>6s} {'start s':>8s} {'tasks':>6s} {'ideal s':>8s} {'wall s':>7s} {'efficiency':>10s}"]
+    ray.init(address="local", num_cpus=max(counts), include_dashboard=False, dashboard_port=free_port(),
+             logging_level="WARNING")
+    try:
+        for n in counts:
+            t0 = time.perf_counter()
+            actors = [ray.remote(SleepActor).options(num_cpus=1).remote(unit_s) for _ in range(n)]
+            ray.get([a.info.remote() for a in actors])
+            started = time.perf_counter() - t0
+            tasks = [Task(0, (0,), (0,), 1.0) for _ in range(n * per_worker)]
+            d = Dispatcher(n)
+            d.run(RayBackend(ray, actors, "sleep", None), tasks, range(len(tasks)))
+            ideal = per_worker * unit_s
+            out.append(f"{n:6d} {started:8.1f} {len(tasks):6d} {ideal:8.2f} {d.wall_s:7.2f} {ideal / d.wall_s:10.3f}")
+            for a in actors:
+                ray.kill(a)
+    finally:
+        ray.shutdown()
+    return out
+
+
+def simulated(unit_s: float) -> list[str]:
+    out = []
+    scale = {"cpu": 4.0, "wide: 128 plans x 8 batches": 0.1}
+    for name, stages in (*SCHEDULES.items(), ("wide: 128 plans x 8 batches", [Stage(128, 8)])):
+        out.append(f"{name}: {stages}")
+        out.append(f"  {'workers':>7s} {'tasks':>6s} {'granularity':>11s} {'dispatch':>8s} {'overall':>7s} "
+                   f"{'speed-up':>8s}")
+        for w in (1, 2, 4, 8, 16, 32):
+            r = simulate(stages, w, unit_s=unit_s * scale.get(name, 1.0))
+            out.append(f"  {w:7d} {r.tasks:6d} {r.granularity:11.3f} {r.dispatch:8.3f} {r.overall:7.3f} "
+                       f"{r.overall * w:8.2f}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--space", default="rtn-g128", help="levels (RTN: no calibration; the speed is the same)")
+    ap.add_argument("--generations", type=int, default=1)
+    ap.add_argument("--actors", default="2,8,16,32", help="sleeping-actor counts for Ray's overhead")
+    ap.add_argument("--unit-s", type=float, default=0.05, help="simulated seconds per forward of one batch")
+    ap.add_argument("--out", default="reports/ray_scaling.txt")
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from planner.pipeline import ModelData, prepare
+    from planner.space import load_space
+
+    torch.set_num_threads(1)
+    lines = [f"# bench/ray_scaling.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}",
+             f"# {os.cpu_count()} cores, load average {load()} at start; torch {torch.__version__}, ray {ray.__version__}",
+             f"# default model SmolLM2-135M, levels {args.space}, bf16 evaluation unless stated", ""]
+    session = prepare(ModelData(), load_space(args.space), quiet=True)
+    problem = session.problem(parse_budget("3.0bits"))
+    sections = [("1. per-token evaluation cost, in-process, 1 thread (2048 tokens: 4 windows of 512)",
+                 lambda: per_token_cost(session, problem)),
+                (f"2. one-generation throughput, cpu schedule ({OFFSPRING} offspring @512, 4+1 @2048), "
+                 f"{args.generations} generation(s) after a warm-up stage", lambda: throughput(session, problem,
+                                                                                        args.generations)),
+                (f"3. Ray's own overhead: sleeping actors on {max(map(int, args.actors.split(',')))} logical CPUs, "
+                 "8 tasks of 0.2 s per actor", lambda: ray_overhead([int(n) for n in args.actors.split(",")], 0.2, 8)),
+                (f"4. simulated scaling (real planner + dispatcher, sleeping threads, {args.unit_s} s per batch "
+                 "forward; cpu schedule 4x, wide 0.1x that)", lambda: simulated(args.unit_s))]
+    for title, fn in sections:
+        t0 = time.perf_counter()
+        body = fn()
+        lines += [title, *body, f"   ({time.perf_counter() - t0:.0f} s; load average {load()})", ""]
+        print("\n".join(lines[-len(body) - 3:]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
