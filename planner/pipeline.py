@@ -263,7 +263,8 @@ def _front_plans(run: RunDir, method: str, n: int = 8) -> list[tuple[str, tuple[
     runs = load_runs([run.path])
     size = runs.budget.metric.value
     front = runs.plans[runs.plans[f"front_{size}"]].sort_values(size)
-    pick = sorted({round(i * (len(front) - 1) / max(n - 1, 1)) for i in range(min(n, len(front)))})
+    m = min(n, len(front))
+    pick = sorted({round(i * (len(front) - 1) / max(m - 1, 1)) for i in range(m)})      # both ends included
     return [(f"front {k + 1}/{len(pick)}", tuple(runs.xs[pid]), front.method[pid])
             for k, pid in enumerate(front.index[pick])]
 
