@@ -24,6 +24,7 @@ from .conftest import TINY_CALIB_TOKENS, TINY_EVAL_TOKENS, TINY_SEQLEN, cache_en
 from .test_cli import run_cli
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow      # a Ray start and worker processes: tens of seconds
 
 from planner.distributed import Cluster, ClusterSpec  # noqa: E402
 from planner.distributed.cluster import free_port  # noqa: E402

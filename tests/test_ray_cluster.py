@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow      # a Ray start and worker processes: tens of seconds
 AUTH = {"RAY_AUTH_MODE": "disabled"}     # a loopback-only test cluster
 
 from planner.distributed.cluster import free_port  # noqa: E402

@@ -8,6 +8,7 @@ import pytest
 from .conftest import cache_env, torch_threads
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow      # a Ray start and worker processes: tens of seconds
 
 from .test_ray import cluster  # noqa: E402,F401  (the module-scoped local Ray with 2 CPUs)
 

@@ -11,6 +11,7 @@ in-process evaluator's (per-batch sums folded in batch order).
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 
 import numpy as np
 
@@ -81,11 +82,10 @@ class RayExecutor:
     def _batches(self, windows: np.ndarray) -> list[np.ndarray]:
         return [windows[s:s + BATCH_WINDOWS] for s in range(0, len(windows), BATCH_WINDOWS)]
 
-    def _scored(self, n: int = 1) -> None:
-        self.evaluations += n
-        for _ in range(n):
-            if self.on_scored is not None:
-                self.on_scored()
+    def _scored(self) -> None:
+        self.evaluations += 1
+        if self.on_scored is not None:
+            self.on_scored()
 
     def evaluate(self, candidates: list[Candidate]) -> list[Result]:
         """One Result per candidate, in order; failures reported, never raised."""
@@ -100,16 +100,12 @@ class RayExecutor:
         tasks = [t for g in range(len(members)) for t in split(g, X[g], len(batches[g]), n, self.cost)]
         work = [Work(tuple(tuple(int(v) for v in X[t.group][i]) for i in t.members),
                      tuple(batches[t.group][b] for b in t.batches)) for t in tasks]
-        left = {(t.group, i): 0 for t in tasks for i in t.members}
-        for t in tasks:
-            for i in t.members:
-                left[(t.group, i)] += 1
+        left = Counter((t.group, i) for t in tasks for i in t.members)   # tasks a candidate still waits for
 
         def done(k: int, _out) -> None:
-            t = tasks[k]
-            for i in t.members:
-                left[(t.group, i)] -= 1
-                if not left[(t.group, i)]:
+            for i in tasks[k].members:
+                left[(tasks[k].group, i)] -= 1
+                if not left[(tasks[k].group, i)]:
                     self._scored()
 
         outputs = self.dispatcher.run(self.backend, work, lpt_order(tasks), done)
