@@ -73,26 +73,24 @@ def test_unstructured_counts_follow_the_documented_rounding():
 def test_costs_are_exact_and_match_the_stored_tensors(shape):
     out, inp = shape
     W, H = correlated_layer(*shape)
-    grids = [QuantSpec(4, 8), QuantSpec(3, 0, True), QuantSpec(2, 16)]
-    for p in PATTERNS:
-        spec = SparseSpec(PruneMethod.SPARSEGPT, p)
+    grids = [None, QuantSpec(4, 8), QuantSpec(3, 0, True), QuantSpec(2, 16)]
+    levels = [(p, q) for p in PATTERNS for q in grids if q is None or not p.is_nm or q.group_size % p.m == 0]
+    for (p, q), r in zip(levels, sparsegpt_prune(W, H, levels, block_size=16), strict=True):
         k = p.kept(shape)
         pos = 0 if p.sparsity == 0 and not p.is_nm else (k * math.ceil(math.log2(p.m)) if p.is_nm else out * inp)
-        assert spec.code_bits(shape) == 16 * k
-        assert spec.stored_bits(shape) == pos + 16 * k
-        r = sparsegpt_prune(W, H, [(p, None)], block_size=16)[0]
-        sw = SparseWeight.from_dense(r.W, r.keep, p)
-        assert sw.nbytes == spec.nbytes(shape) == math.ceil(pos / 8) + 2 * k
-        for q in grids:
-            if p.is_nm and q.group_size % p.m:
-                continue
-            js = JointSpec(p, q)
-            groups = out * -(-inp // q.group_size) if q.group_size else out
-            assert js.code_bits(shape) == q.bits * k
-            assert js.stored_bits(shape) == pos + q.bits * k + groups * (16 + (0 if q.symmetric else q.bits))
-            r = sparsegpt_prune(W, H, [(p, q)], block_size=16)[0]
-            sw = SparseWeight.from_codes(r.codes, r.scale, r.zero, r.keep, p, q)
-            assert sw.nbytes == js.nbytes(shape)
+        if q is None:
+            spec = SparseSpec(PruneMethod.SPARSEGPT, p)
+            assert spec.code_bits(shape) == 16 * k
+            assert spec.stored_bits(shape) == pos + 16 * k
+            sw = SparseWeight.from_dense(r.W, r.keep, p)
+            assert sw.nbytes == spec.nbytes(shape) == math.ceil(pos / 8) + 2 * k
+            continue
+        js = JointSpec(p, q)
+        groups = out * -(-inp // q.group_size) if q.group_size else out
+        assert js.code_bits(shape) == q.bits * k
+        assert js.stored_bits(shape) == pos + q.bits * k + groups * (16 + (0 if q.symmetric else q.bits))
+        sw = SparseWeight.from_codes(r.codes, r.scale, r.zero, r.keep, p, q)
+        assert sw.nbytes == js.nbytes(shape)
 
 
 def test_stored_form_round_trips_bit_exactly():
