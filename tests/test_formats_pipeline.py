@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from planner.budget import parse_budget
+from planner.report.html import pareto_figure
 from planner.rundir import RunDir
 
 from .conftest import TINY_CALIB_TOKENS, TINY_EVAL_TOKENS, TINY_SEQLEN, cache_env
@@ -88,3 +89,7 @@ def test_search_with_a_bpw_budget(args, tmp_path, session_cache_dir):
     assert "uniform gguf-q4_0-diag" in out
     run = RunDir.open(tmp_path / "fmt")
     assert all(r.bpw <= 4.0 + 1e-9 for r in run.results() if r.method == "evo")
+    fig = pareto_figure(run.results(), run.heldout(), run.load_problem())     # bpw budget: a bpw x-axis first
+    held = next(t for t in fig.data if t.name == "held-out")
+    assert fig.layout.xaxis.title.text == "bpw" and list(held.x) == [r.bpw for r in run.heldout()]
+    assert fig.layout.shapes[0].x0 == 4.0

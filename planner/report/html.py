@@ -180,9 +180,11 @@ def pareto_figure(rows: list[Row], held: list[Row], problem: Problem | None) -> 
         return ({"x": xs + [hx, [hx[i] for i in front]], "y": ys + [[held[i].kl for i in front]]},
                 {"xaxis.title.text": axis, "shapes": shapes, "annotations": notes})
 
-    data, layout = view("bits")
-    fig.data[-1].update(x=data["x"][-1], y=data["y"][-1])
-    fig.update_layout(xaxis_title="bits", shapes=layout["shapes"], annotations=layout["annotations"])
+    axis = "bits" if problem is None or problem.budget.metric is Metric.BITS else "bpw"   # the budget's currency
+    data, layout = view(axis)
+    for trace, x, y in zip(fig.data, data["x"], data["y"], strict=True):
+        trace.update(x=x, y=y)
+    fig.update_layout(xaxis_title=axis, shapes=layout["shapes"], annotations=layout["annotations"])
     buttons = [dict(label=a, method="update", args=list(view(a))) for a in ("bits", "bpw")]
     fig.update_layout(yaxis=dict(type="log", title="KL to base model"), height=560, legend_title="click to hide",
                       updatemenus=[dict(buttons=buttons, x=0, y=1.12, xanchor="left", direction="right")])
