@@ -184,11 +184,13 @@ POPULATION_METHODS = ("nsga2", "tpe")     # seeded with every uniform plan withi
 
 
 def _seed_plans(session: Session, problem: Problem, uniform, init: str, score: str | None, seed: int) -> list:
-    """The --init plan (a file, or hessian: the exact knapsack plan), then the uniform plans and
-    mixes within budget, lowest KL first: a population starts from every baseline."""
+    """The --init plans (a file; hessian: the Lagrangian hull of the sensitivity `score`, proxy-
+    optimal plans for 16 sizes up to the budget), then the uniform plans and mixes within budget,
+    lowest KL first: a population starts from every baseline."""
     first = []
     if init == "hessian":
-        first = [proxy_inputs(session, problem, None, "evo", {}, init, score, seed)["init_x"]]
+        hull = proxy_inputs(session, problem, None, "lagrange", {"points": 16}, None, score, seed)
+        first = [list(x) for x, _, _ in make_searcher("lagrange", problem, hull, seed).plans]
     elif init != "uniform":
         first = [list(problem.encode(Plan.load(init)))]
     ok = sorted((kl, x) for x, kl in uniform.results if math.isfinite(kl) and problem.feasible(x))

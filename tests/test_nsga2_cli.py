@@ -77,6 +77,19 @@ def test_reports_of_both_runs(runs, tmp_path):
     assert rc == 0 and (tmp_path / "both.html").stat().st_size > 1_000_000
 
 
+def test_nsga2_seeded_with_the_hessian_hull(data_args, session_cache_dir, tmp_path):  # noqa: F811
+    with cache_env(session_cache_dir):
+        rc, _, err = run_cli(["search", *data_args, *COMMON, "--method", "nsga2", "--generations", "1", "--pop-size", "8",
+                              "--init", "hessian", "--score", "proxy", "--runs-dir", tmp_path, "--name", "h"])
+    assert rc == 0, err
+    run = RunDir.open(tmp_path / "h")
+    assert run.read("sensitivity.json")["score"] == "proxy"
+    gen0 = [r for r in run.results() if r.method == "nsga2"]
+    uniform = {tuple(r.x) for r in run.results() if r.method == "uniform"}
+    assert len(gen0) == 8 and sum(tuple(r.x) not in uniform for r in gen0) >= 2   # hull plans lead the seeds
+    assert len({round(r.bits, 2) for r in gen0}) >= 3                            # spread over sizes
+
+
 def test_flags_of_another_method_are_errors(data_args, tmp_path):  # noqa: F811
     assert_one_error_line(*run_cli(["search", *data_args, *COMMON, "--method", "nsga2", "--trials", "5",
                                     "--runs-dir", tmp_path]), match="--trials applies to --method tpe, not nsga2")
