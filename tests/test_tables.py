@@ -63,6 +63,14 @@ def test_a_plan_takes_its_kl_at_its_highest_fidelity(tmp_path):
     assert plans.evaluations.iloc[0] == 3 and bool(plans.front_bits.iloc[0])
 
 
+def test_a_run_without_results_still_reports(tmp_path):
+    run = RunDir.create(tmp_path / "new", {"method": "nsga2"})
+    run.save_problem(toy_problem())
+    runs = load_runs([run.path])
+    assert runs.plans.empty and runs.best_id() is None and top_plans(runs).empty
+    assert len(write_tables(runs, tmp_path / "t", "csv")) == 3
+
+
 def test_runs_of_other_spaces_do_not_merge(tmp_path):
     a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b", ragged=True)
     with pytest.raises(PlannerError, match="only runs of one model and search space merge"):

@@ -109,10 +109,11 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 def _plans(rows: pd.DataFrame, problem: Problem, held: pd.DataFrame) -> pd.DataFrame:
     ok = ok_rows(rows)
-    if ok.empty:
-        return pd.DataFrame(columns=["method", "methods", "run", "generation", "label", "uniform", "tokens", "kl", "ppl",
-                                     *SIZES, "evaluations", "predicted", "heldout_kl", "within",
-                                     *(f"front_{s}" for s in SIZES)])
+    if ok.empty:            # typed columns: boolean masks and sorts still work on no plans
+        text, flags = ("method", "methods", "run", "label"), ("uniform", "within", *(f"front_{s}" for s in SIZES))
+        numbers = ("generation", "tokens", "kl", "ppl", *SIZES, "evaluations", "predicted", "heldout_kl")
+        return pd.DataFrame({**{c: pd.Series(dtype=object) for c in text}, **{c: pd.Series(dtype=float) for c in numbers},
+                             **{c: pd.Series(dtype=bool) for c in flags}}).rename_axis("plan_id")
     top = ok[ok.tokens == ok.groupby("plan_id").tokens.transform("max")]
     g, first = ok.groupby("plan_id", sort=False), ok.drop_duplicates("plan_id").set_index("plan_id")
     plans = pd.DataFrame({

@@ -79,6 +79,9 @@ class TPESearcher:
         self.fill = not self.metrics
         self.dists = {u: optuna.distributions.IntDistribution(0, int(top))
                       for u, top in zip(problem.units, problem.n_levels - 1, strict=True)}
+        if problem.tie_groups():
+            raise PlannerError("tpe: the problem ties fused units to one level (--tie-fused), which tpe's moves do "
+                               "not keep yet: drop --tie-fused, or use ilp / lagrange / hessian")
         for x in config.init_xs:
             if len(x) != problem.n_units:
                 raise PlannerError(f"tpe: a seed plan has {len(x)} entries, the problem has {problem.n_units} units")
