@@ -21,8 +21,9 @@ from tests.test_search_contract import drive, evaluator, toy_problem
 
 
 def random_problem(rng: np.random.Generator, n_units: int, n_levels: int, ragged: bool, ties: bool,
-                   frac: float, metric: Metric) -> tuple[Problem, np.ndarray]:
-    """Units with random sizes and increasing per-level costs; damage falls with the level."""
+                   frac: float, metric: Metric, second: float | None = None) -> tuple[Problem, np.ndarray]:
+    """Units with random sizes and increasing per-level costs; damage falls with the level.
+    `second`: a further limit in stored bits per weight (or nominal bits when `metric` is bpw)."""
     numel = rng.integers(1, 50, n_units) * 16
     lens = [int(rng.integers(1, n_levels + 1)) if ragged else n_levels for _ in range(n_units)]
     code = np.full((n_units, n_levels), np.nan)
@@ -42,12 +43,17 @@ def random_problem(rng: np.random.Generator, n_units: int, n_levels: int, ragged
         damage[u, :lens[u]] = np.sort(rng.lognormal(0, 2, lens[u]))[::-1] * numel[u]
     p = Problem(units=tuple(f"u{u}" for u in range(n_units)), numel=numel, levels=tuple(levels), code_bits=code,
                 stored_bits=stored, budget=Budget(1.0, metric), ties=tie_ids)
-    cost = p.unit_cost(metric)
-    lo, hi = np.nanmin(cost, axis=1).sum(), np.nanmax(cost, axis=1).sum()
-    total = lo + frac * (hi - lo)
-    value = total if metric is Metric.BYTES else total / p.total_numel
+    def limit(m: Metric, f: float) -> Budget:
+        cost = p.unit_cost(m)
+        lo, hi = np.nanmin(cost, axis=1).sum(), np.nanmax(cost, axis=1).sum()
+        total = lo + f * (hi - lo)
+        return Budget(total if m is Metric.BYTES else total / p.total_numel, m)
+
+    budget = limit(metric, frac)
+    if second is not None:
+        budget = Budget(budget.value, metric, (limit(Metric.BITS if metric is Metric.BPW else Metric.BPW, second),))
     p = Problem(units=p.units, numel=numel, levels=p.levels, code_bits=code, stored_bits=stored,
-                budget=Budget(value, metric), ties=tie_ids)
+                budget=budget, ties=tie_ids)
     return p, damage
 
 
@@ -66,9 +72,9 @@ def brute_force(p: Problem, damage: np.ndarray) -> float:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), n_units=st.integers(1, 5), n_levels=st.integers(1, 4),
        ragged=st.booleans(), ties=st.booleans(), frac=st.floats(0.0, 1.0),
-       metric=st.sampled_from(list(Metric)))
-def test_ilp_equals_brute_force(seed, n_units, n_levels, ragged, ties, frac, metric):
-    p, damage = random_problem(np.random.default_rng(seed), n_units, n_levels, ragged, ties, frac, metric)
+       metric=st.sampled_from([Metric.BITS, Metric.BPW, Metric.BYTES]), second=st.none() | st.floats(0.0, 1.0))
+def test_ilp_equals_brute_force(seed, n_units, n_levels, ragged, ties, frac, metric, second):
+    p, damage = random_problem(np.random.default_rng(seed), n_units, n_levels, ragged, ties, frac, metric, second)
     expect = brute_force(p, damage)
     items = make_items(p, damage)
     opts = solve_mckp(items, p.budget_total())
@@ -151,6 +157,17 @@ def test_exact_plan_beats_every_uniform_mix_on_predicted_damage():
         mix = greedy_mix(p, 1, order)
         assert pred <= float(table[np.arange(p.n_units), mix].sum()) + 1e-9
     assert pred <= float(table[np.arange(p.n_units), uniform_x(p, 1)].sum())
+
+
+@pytest.mark.parametrize("name", ["ilp", "lagrange", "hessian"])
+def test_every_limit_of_a_joined_budget_holds(name):
+    """`3.6bpw,3.0bits`: each limit binds somewhere; every asked plan keeps both."""
+    p = toy_problem(Budget(3.6, Metric.BPW, (Budget(3.0, Metric.BITS),)))
+    s = make_searcher(name, p, {"max_kl": 1.0} if name == "hessian" else {}, seed=0)
+    batches = drive(s, p, evaluator(p))
+    cands = [c for b in batches for c in b]
+    assert cands and all(p.feasible(c.x) for c in cands)
+    assert all(p.cost(c.x).bits <= 3.0 + 1e-9 for c in cands)
 
 
 def test_problem_json_without_ties_still_loads():

@@ -1,7 +1,8 @@
 """Exact allocation: the multiple-choice knapsack over predicted damage, solved with HiGHS.
 
 Each unit takes one level; the total predicted damage is minimized under the problem's budget in
-its additive currency (`Problem.unit_cost(metric)` summed <= `Problem.budget_total()`). Units of
+its additive currency (`Problem.unit_cost(metric)` summed <= `Problem.budget_total()`), and under
+every further limit of a comma-joined budget (`4.0bits,50%sparsity`) as one more row. Units of
 one tie group (fused q/k/v, gate/up; `Problem.ties`) are one *item* whose options are the level
 ids all members share, costs and damages summed, so they always get one level.
 
@@ -56,6 +57,8 @@ class Items:
     choice: tuple[np.ndarray, ...]      # per item [options, members]: ladder index of each member
     cost: np.ndarray                    # [I, O] summed cost in the budget's currency (inf pad)
     damage: np.ndarray                  # [I, O] summed predicted damage (inf pad)
+    extra: tuple[np.ndarray, ...] = ()  # [I, O] summed cost under each further limit of the budget
+    extra_limits: tuple[float, ...] = ()
 
     def to_x(self, options, n_units: int) -> np.ndarray:
         x = np.zeros(n_units, dtype=np.int64)
@@ -77,41 +80,47 @@ class Items:
     def damage_of(self, options) -> float:
         return float(self.damage[np.arange(len(options)), np.asarray(options)].sum())
 
-    def spend_of(self, options) -> float:
-        return float(self.cost[np.arange(len(options)), np.asarray(options)].sum())
+    def spend_of(self, options, table: np.ndarray | None = None) -> float:
+        return float((self.cost if table is None else table)[np.arange(len(options)), np.asarray(options)].sum())
+
+    def fits_extra(self, options) -> bool:
+        """The further limits hold (the primary one is the caller's: it varies in a sweep)."""
+        return all(self.spend_of(options, t) <= lim * (1 + _REL_TOL)
+                   for t, lim in zip(self.extra, self.extra_limits, strict=True))
 
 
 def make_items(problem: Problem, table: np.ndarray) -> Items:
     """Items of `problem` with damages from `table` ([U, L], see `damage_table`)."""
-    cost = problem.unit_cost(problem.budget.metric)
+    tables = [problem.unit_cost(b.metric) for b in problem.budget.limits]   # primary first
     tied = problem.tie_groups()
     grouped = {int(u) for g in tied for u in g}
     groups = tied + [np.array([u]) for u in range(problem.n_units) if u not in grouped]
     groups.sort(key=lambda g: int(g.min()))
-    members, choice, rows_c, rows_d = [], [], [], []
+    members, choice, rows = [], [], []          # rows: per item, [damage, cost per limit...] per option
     for g in groups:
         shared = [lv for lv in problem.levels[g[0]] if all(lv in problem.levels[u] for u in g)]
         if not shared:
             raise PlannerError(f"tied units {[problem.units[u] for u in g]} share no level id")
         ch = np.array([[problem.levels[u].index(lv) for u in g] for lv in shared], dtype=np.int64)
-        c = cost[g, ch].sum(axis=1)
-        order = np.lexsort((np.arange(len(c)), c))          # cheapest first, stable
+        c = tables[0][g, ch].sum(axis=1)
+        ch = ch[np.lexsort((np.arange(len(c)), c))]         # cheapest first, stable
         members.append(g)
-        choice.append(ch[order])
-        rows_c.append(c[order])
-        rows_d.append(table[g, ch[order]].sum(axis=1))
-    width = max(len(r) for r in rows_c)
-    pad = [np.full(width, np.inf) for _ in rows_c]
-    C, D = np.array(pad), np.array(pad)
-    for i, (c, d) in enumerate(zip(rows_c, rows_d, strict=True)):
-        C[i, :len(c)], D[i, :len(d)] = c, d
-    return Items(tuple(members), tuple(choice), C, D)
+        choice.append(ch)
+        rows.append([t[g, ch].sum(axis=1) for t in (table, *tables)])
+    width = max(len(r[0]) for r in rows)
+    padded = np.full((len(tables) + 1, len(rows), width), np.inf)
+    for i, r in enumerate(rows):
+        for k, v in enumerate(r):
+            padded[k, i, :len(v)] = v
+    return Items(tuple(members), tuple(choice), padded[1], padded[0], tuple(padded[2:]),
+                 tuple(problem.limit(b) for b in problem.budget.also))
 
 
 def solve_mckp(items: Items, limit: float) -> np.ndarray | None:
-    """Option per item minimizing total damage with total cost <= limit (None: infeasible).
+    """Option per item minimizing total damage with total cost <= limit and the further limits
+    held (None: infeasible).
 
-    HiGHS with a zero relative gap; the rounded solution is re-checked in exact arithmetic and the
+    HiGHS with a zero relative gap; the rounded solution is re-checked in exact arithmetic and a
     budget row tightened if HiGHS's feasibility tolerance let it overshoot.
     """
     valid = np.isfinite(items.cost)
@@ -120,23 +129,24 @@ def solve_mckp(items: Items, limit: float) -> np.ndarray | None:
         return None
     d = items.damage[item, opt] - np.nanmin(np.where(valid, items.damage, np.inf), axis=1)[item]
     d = d / max(float(np.abs(d).max()), 1e-300)          # scale: the objective is O(1)
-    scale = max(abs(limit), 1e-300)
-    a = items.cost[item, opt] / scale
+    tables, limits = (items.cost, *items.extra), np.array([limit, *items.extra_limits])
+    scale = np.maximum(np.abs(limits), 1e-300)
+    A = np.array([t[item, opt] for t in tables]) / scale[:, None]      # one row per limit
     one = csr_array((np.ones(len(item)), (item, np.arange(len(item)))), shape=(len(items.members), len(item)))
-    rhs = limit / scale
+    rhs = limits / scale
     for _ in range(8):
         res = milp(d, integrality=np.ones(len(item)), bounds=Bounds(0, 1),
-                   constraints=[LinearConstraint(one, 1, 1), LinearConstraint(a[None, :], -np.inf, rhs)],
+                   constraints=[LinearConstraint(one, 1, 1), LinearConstraint(A, -np.inf, rhs)],
                    options={"mip_rel_gap": 0.0})
         if res.x is None:
             return None
         chosen = np.zeros(len(items.members), dtype=np.int64)
         picked = np.flatnonzero(res.x > 0.5)
         chosen[item[picked]] = opt[picked]
-        over = items.spend_of(chosen) - limit * (1 + _REL_TOL)
-        if over <= 0:
+        over = np.array([items.spend_of(chosen, t) for t in tables]) - limits * (1 + _REL_TOL)
+        if (over <= 0).all():
             return chosen
-        rhs -= 2 * over / scale                              # overshoot by tolerance: tighten, solve again
+        rhs -= 2 * np.maximum(over, 0) / scale               # overshoot by tolerance: tighten, solve again
     return None
 
 

@@ -30,17 +30,22 @@ def relaxed_options(items: Items, lam: float) -> np.ndarray:
 
 
 def bisect_multiplier(items: Items, limit: float, iters: int = 200) -> np.ndarray | None:
-    """Hull plan with the largest spend <= limit (None when even the cheapest plan exceeds it)."""
-    ok = limit * (1 + _REL_TOL)
+    """Hull plan with the largest spend <= limit (None when even the cheapest plan exceeds it).
+
+    The budget's further limits are checked, not relaxed: a relaxed plan that breaks one counts as
+    over budget (None when no multiplier gives a plan that keeps them all)."""
+    def fits(opts: np.ndarray) -> bool:
+        return items.spend_of(opts) <= limit * (1 + _REL_TOL) and items.fits_extra(opts)
+
     lo_opts = relaxed_options(items, 0.0)
-    if items.spend_of(lo_opts) <= ok:
+    if fits(lo_opts):
         return lo_opts
     finite = np.isfinite(items.cost)
     d_scale = float(np.abs(items.damage[finite]).max()) or 1.0
     c_scale = float(np.abs(items.cost[finite]).max()) or 1.0
     lo, hi = 0.0, d_scale / c_scale
     for _ in range(1100):                      # double until the relaxed plan fits (or give up)
-        if items.spend_of(relaxed_options(items, hi)) <= ok:
+        if fits(relaxed_options(items, hi)):
             break
         lo, hi = hi, 2 * hi
     else:
@@ -49,24 +54,27 @@ def bisect_multiplier(items: Items, limit: float, iters: int = 200) -> np.ndarra
         mid = 0.5 * (lo + hi)
         if not lo < mid < hi:
             break
-        if items.spend_of(relaxed_options(items, mid)) <= ok:
+        if fits(relaxed_options(items, mid)):
             hi = mid
         else:
             lo = mid
-    return relaxed_options(items, hi)
+    opts = relaxed_options(items, hi)
+    return opts if fits(opts) else None
 
 
 def hull_path(items: Items, start) -> list[tuple[int, int]]:
     """Steps (item, option) from `start` down to the cheapest plan along each item's lower convex
     hull, merged in order of damage added per cost saved; plan k applies the first k steps.
 
-    Predicted damage rises and cost falls along the path, so a target can be bisected on it."""
+    Predicted damage rises and cost falls along the path, so a target can be bisected on it. A step
+    never raises a cost under the budget's further limits, so every plan keeps them as `start` does."""
     steps: list[tuple[float, int, int, int]] = []
     for i, cur in enumerate(int(s) for s in start):
         c, d = items.cost[i], items.damage[i]
         n = 0
         while True:
-            cheaper = np.flatnonzero(np.isfinite(c) & (c < c[cur]))
+            keeps = np.all([t[i] <= t[i, cur] for t in items.extra], axis=0) if items.extra else True
+            cheaper = np.flatnonzero(np.isfinite(c) & (c < c[cur]) & keeps)
             if cheaper.size == 0:
                 break
             slope = (d[cheaper] - d[cur]) / (c[cur] - c[cheaper])
