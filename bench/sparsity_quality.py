@@ -77,8 +77,12 @@ def input_norms(model, units, calib: torch.Tensor) -> dict[str, torch.Tensor]:
     for u in units:
         first.setdefault(u.group, u)
     sq = {g: torch.zeros(u.shape[1]) for g, u in first.items()}
-    hooks = [model.get_submodule(u.name).register_forward_pre_hook(
-        lambda _m, a, g=g: sq[g].add_(a[0].float().reshape(-1, a[0].shape[-1]).pow(2).sum(0))) for g, u in first.items()]
+
+    def add(g: str):
+        def hook(_m, a) -> None:                  # returns None: a pre-hook's return value would replace the input
+            sq[g].add_(a[0].float().reshape(-1, a[0].shape[-1]).pow(2).sum(0))
+        return hook
+    hooks = [model.get_submodule(u.name).register_forward_pre_hook(add(g)) for g, u in first.items()]
     try:
         for s in range(0, len(calib), 4):
             model(calib[s:s + 4], use_cache=False)
