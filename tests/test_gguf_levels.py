@@ -89,7 +89,8 @@ def test_weights_on_a_q4_1_grid_come_back_bit_for_bit():
 
 
 def test_fallbacks_and_costs_follow_llama_quantize():
-    assert stored_type("Q4_K", 576) == "Q5_0" and stored_type("Q3_K", 576) == "IQ4_NL"
+    assert stored_type("Q4_K", 576) == "Q5_0" and stored_type("Q3_K", 576) == "Q4_0"
+    assert stored_type("IQ4_XS", 576) == "IQ4_NL" and stored_type("IQ3_S", 1536) == "IQ3_S"
     assert stored_type("Q6_K", 576) == "Q8_0" and stored_type("Q4_K", 1536) == "Q4_K"
     with pytest.raises(ValueError):
         stored_type("Q4_0", 100)
@@ -98,9 +99,9 @@ def test_fallbacks_and_costs_follow_llama_quantize():
     assert spec.stored_bits((576, 1536)) == 576 * 1536 * 3.4375 and spec.id == "gguf-q3_k-diag"
     W, H = problem(out=4, inp=96)
     w = quantize_gguf(W, "Q2_K", Rounding.GPTQ, H)
-    assert w.gguf_type == "IQ4_NL" and w.nbytes == GGUFSpec("Q2_K", Rounding.GPTQ).nbytes((4, 96))
-    # Q2_K, Q3_K and IQ4_NL all store IQ4_NL here: quantized once, written as separate tensors
-    specs = parse_gguf({"method": "gguf", "types": ["Q2_K", "Q3_K", "IQ4_NL"], "rounding": "gptq"}, "at")
+    assert w.gguf_type == "Q4_0" and w.nbytes == GGUFSpec("Q2_K", Rounding.GPTQ).nbytes((4, 96))
+    # Q2_K, Q3_K and Q4_0 all store Q4_0 here: quantized once, written as separate tensors
+    specs = parse_gguf({"method": "gguf", "types": ["Q2_K", "Q3_K", "Q4_0"], "rounding": "gptq"}, "at")
     built = build_gguf(W, H, specs, BuildOptions())
     tensors = load(save({k: v for s in specs for k, v in built[s.id].to_tensors(s.id).items()}))
     assert all(torch.equal(GGUFWeight.from_tensors(tensors, s.id).blocks, w.blocks) for s in specs)

@@ -9,8 +9,8 @@ A level `gguf-q4_k-diag` holds, per unit, the bytes llama.cpp keeps for that ten
 [out, row bytes], llama.cpp's row layout) and decodes them with gguf-py's dequantizer, so a plan
 over these levels is written to a GGUF file losslessly (`GGUFWeight.gguf_type` / ``.blocks``).
 Rows that are not a multiple of the type's block get the type llama-quantize falls back to
-(Q2_K, Q3_K, IQ4_XS -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; the default model's
-576-wide rows fit only the 32-blocks): the level's cost is that type's, exactly.
+(Q2_K, Q3_K -> Q4_0, IQ types -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; the default
+model's 576-wide rows fit only the 32-blocks): the level's cost is that type's, exactly.
 
 Roundings: minmax / mse / diag / gptq run the planner's own quantizers over the type's layout
 (`GGUF_FORMATS`: each type is a `grids.Format`, then packed into its blocks); ``ref`` is gguf-py's
@@ -36,11 +36,11 @@ from planner.levels.formats import FORMAT_ROUNDINGS, Rounding, _enum_list, _need
 from planner.levels.gguf_blocks import GGUF_FORMATS, encode_blocks
 from planner.levels.registry import Builder, BuildOptions, register_builder
 
-GGUF_LEVELS_VERSION = 2
-# llama.cpp's llama_tensor_get_type: the type used when a row is not a multiple of the block
-FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL",
-            "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL",
-            "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+GGUF_LEVELS_VERSION = 3
+# llama.cpp's tensor_type_fallback (llama-quant.cpp): the type used when a row is not a multiple of the block
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+            "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
+            "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL"}
 NOMINAL_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5,
                 "Q6_K": 6, "IQ4_NL": 4, "IQ4_XS": 4, "IQ2_XXS": 2, "IQ2_XS": 2, "IQ2_S": 2, "IQ3_XXS": 3,
                 "IQ3_S": 3, "IQ1_S": 1, "IQ1_M": 1, "TQ1_0": 2, "TQ2_0": 2, "MXFP4": 4}
