@@ -110,8 +110,8 @@ function drawExperts(x) {
   if (M.frequency) traces.push({...map, z: M.frequency, xaxis: "x2", yaxis: "y2", colorscale: "Magma",
     colorbar: {title: {text: "frequency"}}, hovertemplate: "layer %{y} expert %{x}<br>routed %{z:.3f} of tokens<extra></extra>"});
   Plotly.react("experts", traces, {grid: {rows: 1, columns: traces.length, pattern: "independent"},
-    xaxis: {title: {text: "expert (bits)"}}, xaxis2: {title: {text: "expert (activation frequency)"}},
-    yaxis: {title: {text: "layer"}, autorange: "reversed"}, yaxis2: {autorange: "reversed"},
+    xaxis: {title: {text: "expert (bits)"}, dtick: 1}, xaxis2: {title: {text: "expert (activation frequency)"}, dtick: 1},
+    yaxis: {title: {text: "layer"}, autorange: "reversed", dtick: 1}, yaxis2: {autorange: "reversed", dtick: 1},
     height: 160 + 24 * M.layers.length, margin: {t: 30}}, {responsive: true});
 }
 
