@@ -60,6 +60,19 @@ def resolve(objectives: Sequence[Objective | str], problem: Problem) -> tuple[Me
     return tuple(out)
 
 
+def setup(method: str, problem: Problem, objectives: Iterable[str], init_xs: Sequence) -> tuple:
+    """(objectives, size metrics) of a population searcher, after checking what it cannot honour:
+    tied units (its moves change one unit at a time) and seed plans of the wrong length."""
+    if problem.tie_groups():
+        raise PlannerError(f"{method}: the problem ties fused units to one level (--tie-fused), which {method}'s moves "
+                           "do not keep yet: drop --tie-fused, or use ilp / lagrange / hessian")
+    for x in init_xs:
+        if len(x) != problem.n_units:
+            raise PlannerError(f"{method}: a seed plan has {len(x)} entries, the problem has {problem.n_units} units")
+    objs = parse_objectives(objectives)
+    return objs, resolve(objs, problem)
+
+
 def size_bounds(problem: Problem, metric: Metric) -> tuple[float, float]:
     """(cheapest plan, budget) in `metric` for the budget's metric; (cheapest, dearest) otherwise."""
     lo = problem.cost(np.zeros(problem.n_units, dtype=np.int64)).value(metric)

@@ -25,7 +25,7 @@ import numpy as np
 from planner.errors import PlannerError
 from planner.problem import Problem
 from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
-from planner.search.hypervolume import parse_objectives, plans_hypervolume, resolve
+from planner.search.hypervolume import parse_objectives, plans_hypervolume, setup
 from planner.search.operators import repair
 
 X = tuple[int, ...]
@@ -70,15 +70,8 @@ class NSGA2Searcher:
 
     def __init__(self, problem: Problem, config: NSGA2Config, seed: int):
         self.problem, self.config = problem, config
-        self.objectives = parse_objectives(config.objectives)
-        self.metrics = resolve(self.objectives, problem)
+        self.objectives, self.metrics = setup("nsga2", problem, config.objectives, config.init_xs)
         self.fill = not self.metrics            # KL alone: plans should spend the budget
-        if problem.tie_groups():
-            raise PlannerError("nsga2: the problem ties fused units to one level (--tie-fused), which nsga2's moves do "
-                               "not keep yet: drop --tie-fused, or use ilp / lagrange / hessian")
-        for x in config.init_xs:
-            if len(x) != problem.n_units:
-                raise PlannerError(f"nsga2: a seed plan has {len(x)} entries, the problem has {problem.n_units} units")
         self._seed(seed)
         self.rng = np.random.default_rng(seed)
         self.generation = 0

@@ -27,7 +27,7 @@ import numpy as np
 from planner.errors import PlannerError
 from planner.problem import Problem
 from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
-from planner.search.hypervolume import parse_objectives, plans_hypervolume, resolve
+from planner.search.hypervolume import parse_objectives, plans_hypervolume, setup
 from planner.search.operators import repair
 
 X = tuple[int, ...]
@@ -74,17 +74,10 @@ class TPESearcher:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)   # a "trial finished" line per plan is noise
         self.problem, self.config = problem, config
-        self.objectives = parse_objectives(config.objectives)
-        self.metrics = resolve(self.objectives, problem)
+        self.objectives, self.metrics = setup("tpe", problem, config.objectives, config.init_xs)
         self.fill = not self.metrics
         self.dists = {u: optuna.distributions.IntDistribution(0, int(top))
                       for u, top in zip(problem.units, problem.n_levels - 1, strict=True)}
-        if problem.tie_groups():
-            raise PlannerError("tpe: the problem ties fused units to one level (--tie-fused), which tpe's moves do "
-                               "not keep yet: drop --tie-fused, or use ilp / lagrange / hessian")
-        for x in config.init_xs:
-            if len(x) != problem.n_units:
-                raise PlannerError(f"tpe: a seed plan has {len(x)} entries, the problem has {problem.n_units} units")
         self.seed = int(seed)
         self.fidelity = Fidelity(tokens=config.tokens, seed=derive_seed(seed, _SEED_PATH))
         self.asked = 0                 # proposals so far: the sampler seed of the next one
