@@ -24,6 +24,7 @@ import torch
 from planner.errors import BadSearchSpace
 from planner.levels import sparse_format as fmt
 from planner.levels.quant import QuantSpec
+from planner.levels.quant_levels import parse_quant
 from planner.levels.registry import Builder, BuildOptions, register_builder
 from planner.levels.sparse import load_sparse, parse_patterns
 from planner.levels.sparse_format import Pattern, SparseWeight
@@ -74,19 +75,12 @@ def _need(cond: bool, where: str, msg: str) -> None:
 def parse_joint(fam: dict, at: str) -> list[JointSpec]:
     extra = set(fam) - _KEYS
     _need(not extra, at, f"unknown key(s) {sorted(extra)}; allowed: {', '.join(sorted(_KEYS))}")
-    bits = fam.get("bits")
-    bits = [bits] if isinstance(bits, int) and not isinstance(bits, bool) else bits
-    _need(isinstance(bits, list) and bits and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 8
-                                                  for b in bits), at, "bits must be an integer or list of integers in 1..8")
-    gs = fam.get("group_size", 128)
-    _need(isinstance(gs, int) and not isinstance(gs, bool) and gs >= 0, at,
-          "group_size must be a non-negative integer (0 = per channel)")
-    sym = fam.get("symmetric", False)
-    _need(isinstance(sym, bool), at, "symmetric must be true or false")
+    grid = parse_quant({"method": "gptq", **{k: fam[k] for k in ("bits", "group_size", "symmetric") if k in fam}}, at)
     patterns = parse_patterns(fam, at)
     for p in patterns:
+        gs = grid[0].group_size
         _need(not p.is_nm or gs == 0 or gs % p.m == 0, at, f"nm {p.n}:{p.m} needs a group_size that is a multiple of {p.m}")
-    return [JointSpec(p, QuantSpec(b, gs, sym)) for b in bits for p in patterns]
+    return [JointSpec(p, QuantSpec(g.bits, g.group_size, g.symmetric)) for g in grid for p in patterns]
 
 
 def build_joint(W: torch.Tensor, H: torch.Tensor | None, specs: list[JointSpec], opt: BuildOptions) -> dict:

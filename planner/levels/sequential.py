@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from planner.levels.hessian import hessian_hooks
 from planner.levels.registry import BUILDERS
 from planner.model.families import family_of
 from planner.space import SearchSpace
@@ -73,26 +74,9 @@ def _run(layer: nn.Module, xs: list[torch.Tensor], kws: list[dict]) -> list[torc
 def block_hessians(model: nn.Module, layer: nn.Module, units: list[Unit], xs: list[torch.Tensor],
                    kws: list[dict]) -> dict[str, torch.Tensor]:
     """H = 2/n sum X^T X of each fused group's input inside one block (every token counts)."""
-    first: dict[str, Unit] = {}
-    for u in units:
-        first.setdefault(u.group, u)
-    H = {g: torch.zeros(u.shape[1], u.shape[1]) for g, u in first.items()}
-    count = dict.fromkeys(H, 0)
-
-    def hook(group: str):
-        def fn(_mod, args):
-            X = args[0].reshape(-1, args[0].shape[-1]).float()
-            H[group].addmm_(X.T, X)
-            count[group] += X.shape[0]
-        return fn
-
-    handles = [model.get_submodule(u.name).register_forward_pre_hook(hook(g)) for g, u in first.items()]
-    try:
+    with hessian_hooks(model, units) as H:
         _run(layer, xs, kws)
-    finally:
-        for h in handles:
-            h.remove()
-    return {g: H[g].mul_(2.0 / max(count[g], 1)) for g in H}
+    return H
 
 
 def _unit_file(path: Path, u: Unit) -> Path:
