@@ -25,7 +25,6 @@ carries the source; the two libraries alone, without the tools, take ~20 min on 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from planner.evaluate.evaluator import InProcessEvaluator  # noqa: E402
 from planner.export.gguf_file import row_permutation  # noqa: E402
 from planner.levels.gguf_levels import libggml  # noqa: E402
 from planner.levels.hessian import collect_hessians  # noqa: E402
+from planner.levels.llamacpp_lib import model_quantize  # noqa: E402
 from planner.model.families import family_of  # noqa: E402
 from planner.model.load import _alias_gguf  # noqa: E402
 from planner.pipeline import DTYPES, ModelData, prepare  # noqa: E402
@@ -103,53 +103,23 @@ def wide_problem(db, units, extra_costs: dict[str, dict[str, tuple[int, int]]]) 
                    stored_bits=np.array(pad[1]), budget=p.budget, kinds=p.kinds, blocks=p.blocks)
 
 
-FTYPES = {"Q4_0": 2, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
-          "Q5_K_M": 17, "Q2_K_S": 21, "IQ3_XXS": 23, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_M": 29, "IQ4_XS": 30}
-
-
-class _Imatrix(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.POINTER(ctypes.c_float)), ("size", ctypes.c_size_t)]
-
-
-class _QuantizeParams(ctypes.Structure):     # llama.h's llama_model_quantize_params
-    _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int), ("output_tensor_type", ctypes.c_int),
-                ("token_embedding_type", ctypes.c_int), ("allow_requantize", ctypes.c_bool),
-                ("quantize_output_tensor", ctypes.c_bool), ("only_copy", ctypes.c_bool), ("pure", ctypes.c_bool),
-                ("keep_split", ctypes.c_bool), ("dry_run", ctypes.c_bool), ("imatrix", ctypes.POINTER(_Imatrix)),
-                ("kv_overrides", ctypes.c_void_p), ("tt_overrides", ctypes.c_void_p),
-                ("prune_layers", ctypes.c_void_p), ("max_buf_size", ctypes.c_size_t)]
-
-
-_QUIET = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(lambda *_: None)
-
-
 def llama_mixes(libllama: str, session, ftypes: list[str], work: Path, log) -> tuple[dict, dict]:
     """llama.cpp's own mixes (llama_model_quantize on the model's GGUF, our importance matrix) as
     extra levels "llama.cpp <FTYPE>": (weights, costs)."""
-    lib = ctypes.CDLL(libllama)
-    lib.llama_model_quantize_default_params.restype = _QuantizeParams
-    lib.llama_model_quantize.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_QuantizeParams)]
-    lib.llama_model_quantize.restype = ctypes.c_uint32
-    lib.llama_log_set(_QUIET, None)
     cfg = session.loaded.model.config
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
     stems = {lk.kind: lk.gguf for lk in family_of(cfg.model_type).linears}
     H = collect_hessians(session.loaded.model, session.units, session.windows.ids[session.windows.calib])
     imat = {f"blk.{u.block}.{stems[u.kind]}.weight": np.ascontiguousarray(torch.diagonal(H[u.group]).numpy() / 2,
                                                                           dtype=np.float32) for u in session.units}
-    table = (_Imatrix * (len(imat) + 1))()
-    for i, (name, d) in enumerate(imat.items()):
-        table[i] = _Imatrix(name.encode(), d.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), d.size)
-    table[len(imat)] = _Imatrix(None, None, 0)
     src = _alias_gguf(session.spec.model)
     weights, costs = {}, {}
     for ft in ftypes:
-        p = lib.llama_model_quantize_default_params()
-        p.ftype, p.allow_requantize, p.nthread = FTYPES[ft], True, 1
-        p.imatrix = ctypes.cast(table, ctypes.POINTER(_Imatrix))
         out = work / f"{ft}.gguf"
-        if lib.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(p)) != 0:
-            log(f"# llama.cpp {ft}: llama_model_quantize failed")
+        try:
+            model_quantize(src, out, ft, imat, lib_path=libllama)
+        except RuntimeError as e:
+            log(f"# llama.cpp {ft}: {e}")
             continue
         tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
         level = f"llama.cpp {ft}"

@@ -127,3 +127,20 @@ def test_llama_quantizer_matches_its_reference_and_decodes():
         w = quantize_gguf(W, name, Rounding.LLAMA, H)
         rel = float((w.dequantize() - W).norm() / W.norm())
         assert w.gguf_type == name and rel < 0.6, (name, rel)
+
+
+@pytest.mark.skipif(not (os.environ.get("PLANNER_LIBGGML") and os.environ.get("PLANNER_LIBLLAMA")),
+                    reason="llama.cpp's libggml-base and libllama: set PLANNER_LIBGGML and PLANNER_LIBLLAMA")
+def test_llama_levels_are_the_bytes_llama_quantize_writes(tmp_path):
+    """Same weights, same importance matrix: a gguf-<type>-llama level is llama-quantize's tensor."""
+    from planner.levels.llamacpp_lib import model_quantize
+    from planner.model.load import _alias_gguf, load_model
+
+    src = _alias_gguf("smollm2-135m")
+    W = load_model("smollm2-135m").model.model.layers[0].mlp.down_proj.weight.detach()   # 1536 columns
+    d = np.random.default_rng(0).uniform(0.1, 3, W.shape[1]).astype(np.float32)
+    for ftype in ("Q2_K",):        # also checked by hand: Q4_K_M, IQ4_XS (each call requantizes the whole model)
+        model_quantize(src, tmp_path / "m.gguf", ftype, {"blk.0.ffn_down.weight": d}, pure=True)
+        t = next(t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "blk.0.ffn_down.weight")
+        mine = quantize_gguf(W, t.tensor_type.name, Rounding.LLAMA, torch.diag(torch.from_numpy(2 * d)))
+        assert np.array_equal(np.asarray(t.data).reshape(mine.blocks.shape), mine.blocks.numpy()), ftype

@@ -21,10 +21,7 @@ libggml, any type, the importance matrix = diag(H)/2) when $PLANNER_LIBGGML name
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import itertools
-import os
 from dataclasses import dataclass
 
 import gguf
@@ -34,6 +31,7 @@ import torch
 from planner.levels import importance as imp_
 from planner.levels.formats import FORMAT_ROUNDINGS, Rounding, _enum_list, _need
 from planner.levels.gguf_blocks import GGUF_FORMATS, encode_blocks
+from planner.levels.llamacpp_lib import ggml_quantize, libggml
 from planner.levels.registry import Builder, BuildOptions, register_builder
 
 GGUF_LEVELS_VERSION = 3
@@ -126,39 +124,6 @@ class GGUFWeight:
 
 
 # --- quantizing --------------------------------------------------------------------------------
-@functools.cache
-def libggml() -> ctypes.CDLL | None:
-    """llama.cpp's libggml-base (``ggml_quantize_chunk``) from $PLANNER_LIBGGML, or None."""
-    path = os.environ.get("PLANNER_LIBGGML")
-    if not path:
-        return None
-    lib = ctypes.CDLL(path)
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    return lib
-
-
-def llama_quantize(W: torch.Tensor, name: str, imatrix: torch.Tensor | None) -> np.ndarray:
-    """llama.cpp's own quantization of W (rows of whole blocks) to `name`: blocks [out, row bytes]."""
-    lib = libggml()
-    if lib is None:
-        raise RuntimeError("rounding 'llama' needs llama.cpp's libggml-base: set PLANNER_LIBGGML to its path")
-    qtype = int(gguf.GGMLQuantizationType[name])
-    src = np.ascontiguousarray(W.float().numpy())
-    out, inp = src.shape
-    bs, ts = block_of(name)
-    dst = np.zeros((out, inp // bs * ts), dtype=np.uint8)
-    im = None if imatrix is None else np.ascontiguousarray(imatrix.float().numpy())
-    lib.ggml_quantize_init(qtype)
-    n = lib.ggml_quantize_chunk(qtype, src.ctypes.data, dst.ctypes.data, 0, out, inp,
-                                None if im is None else im.ctypes.data)
-    if n != dst.nbytes:
-        raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {dst.nbytes}")
-    return dst
-
-
 def quantize_gguf(W: torch.Tensor, name: str, rounding: Rounding, H: torch.Tensor | None = None,
                   damp: float = 0.01, block_size: int = 128, factor=None) -> GGUFWeight:
     """W [out, in] as the GGUF tensor llama.cpp would store when asked for type `name`."""
@@ -167,7 +132,7 @@ def quantize_gguf(W: torch.Tensor, name: str, rounding: Rounding, H: torch.Tenso
     imp = imp_.diag_importance(H) if H is not None and rounding in (Rounding.DIAG, Rounding.GPTQ,
                                                                       Rounding.LLAMA) else None
     if rounding is Rounding.LLAMA:
-        blocks = llama_quantize(W, typ, imp)
+        blocks = ggml_quantize(W, typ, imp)
     elif rounding is Rounding.REF:
         blocks = gguf.quants.quantize(W.numpy(), gguf.GGMLQuantizationType[typ])
     else:
