@@ -64,13 +64,13 @@ def families(gguf_rounding: str) -> dict[str, list[dict]]:
     return {
         "rtn g128 (min-max; fp16 scale + int zero)": [{"method": "rtn", "bits": [3, 4], "group_size": 128}],
         "gptq g128 (fp16 scale + int zero)": [{"method": "gptq", "bits": [2, 3, 4], "group_size": 128}],
-        "super-block int, diag": [k(2, 16, 4, rounding="diag"), k(3, 16, 6, True, "diag"), k(4, 32, 6, rounding="diag")],
+        "super-block int, diag": [k(2, 16, 4, rounding="diag"), k(3, 16, 6, True, "diag")],
         "super-block int, gptq": [k(2, 16, 4), k(3, 16, 6, True), k(4, 32, 6)],
-        "nf g64, gptq": [{"method": "format", "grid": "nf", "bits": [3, 4], "group_size": 64, "rounding": "gptq"}],
+        "nf g64, gptq": [{"method": "format", "grid": "nf", "bits": [3], "group_size": 64, "rounding": "gptq"}],
         "k-means g64, gptq": [{"method": "format", "grid": "km", "bits": [3], "group_size": 64, "rounding": "gptq"}],
         f"gguf types, {gguf_rounding}": [{"method": "gguf", "types": ["Q2_K", "Q3_K", "Q4_K", "IQ4_XS", "Q4_0"],
                                           "rounding": gguf_rounding}],
-        "gguf types, gptq": [{"method": "gguf", "types": ["Q3_K", "Q4_K"], "rounding": "gptq"}],
+        "gguf types, gptq": [{"method": "gguf", "types": ["Q3_K"], "rounding": "gptq"}],
         "gguf Q4_1 (the source format)": [{"method": "gguf", "types": ["Q4_1"], "rounding": "ref"}],
     }
 
