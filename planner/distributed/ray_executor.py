@@ -39,10 +39,11 @@ class RayBackend:
 
     def result(self, future):
         exc = self.ray.exceptions
+        lost = (exc.RayActorError, exc.OutOfMemoryError, exc.WorkerCrashedError, exc.NodeDiedError)
         try:
             return self.ray.get(future)
-        except exc.RayActorError as e:      # died, or unreachable while it restarts
-            raise WorkerLost(str(e).splitlines()[0][:200]) from None
+        except lost as e:      # died (killed, Ray's memory monitor, its node), or unreachable while it restarts
+            raise WorkerLost(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         except exc.RayTaskError as e:       # the task raised: a typed error is the caller's one line
             if isinstance(e.cause, PlannerError):
                 raise e.cause from None
