@@ -17,7 +17,8 @@ from planner.levels.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_pru
 
 SHAPES = [(24, 40), (7, 13), (16, 64)]          # 13 and 40 columns: ragged N:M groups, ragged grid groups
 PATTERNS = [Pattern(0.0), Pattern(0.3), Pattern(0.5), Pattern(0.55), Pattern(0.9), Pattern(n=2, m=4),
-            Pattern(n=1, m=4), Pattern(n=4, m=8), Pattern(n=3, m=5)]
+            Pattern(n=1, m=4), Pattern(n=4, m=8), Pattern(n=3, m=5), Pattern(0.5, offset=-37), Pattern(0.0, offset=5),
+            Pattern(0.6, offset=10_000)]             # EvoPress-style offsets; the last one clamps to all pruned
 
 
 def correlated_layer(out: int, inp: int, n: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +78,7 @@ def test_costs_are_exact_and_match_the_stored_tensors(shape):
     levels = [(p, q) for p in PATTERNS for q in grids if q is None or not p.is_nm or q.group_size % p.m == 0]
     for (p, q), r in zip(levels, sparsegpt_prune(W, H, levels, block_size=16), strict=True):
         k = p.kept(shape)
-        pos = 0 if p.sparsity == 0 and not p.is_nm else (k * math.ceil(math.log2(p.m)) if p.is_nm else out * inp)
+        pos = 0 if k == out * inp else (k * math.ceil(math.log2(p.m)) if p.is_nm else out * inp)
         if q is None:
             spec = SparseSpec(PruneMethod.SPARSEGPT, p)
             assert spec.code_bits(shape) == 16 * k
@@ -147,3 +148,22 @@ def test_family_parsing_and_ids():
                          "symmetric": True}, "x")
     assert [s.id for s in joint] == ["joint-b3-s50-g64-sym", "joint-b3-2of4-g64-sym", "joint-b4-s50-g64-sym",
                                      "joint-b4-2of4-g64-sym"]
+
+
+def test_offsets_follow_the_documented_counts_and_clamp():
+    shape = (10, 20)
+    assert [Pattern(0.6, offset=d).kept(shape) for d in (-200, -50, 0, 50, 100)] == [200, 130, 80, 30, 0]
+    assert Pattern(0.6, offset=-50).id == "s60-50w" and Pattern(0.6, offset=50).id == "s60+50w"
+    assert Pattern(0.0, offset=3).position_bits(shape) == 200 and Pattern(0.6, offset=-120).position_bits(shape) == 0
+    specs = parse_sparse({"method": "magnitude", "sparsity": [0.5], "steps": 2, "step_weights": 7}, "x")
+    assert [s.id for s in specs] == ["magnitude-s50-14w", "magnitude-s50-7w", "magnitude-s50", "magnitude-s50+7w",
+                                     "magnitude-s50+14w"]
+    assert [s.kept((24, 40)) for s in specs] == [494, 487, 480, 473, 466]     # exactly 7 weights per step
+
+
+def test_files_written_before_offsets_still_load():
+    W, H = correlated_layer(8, 16)
+    r = magnitude_prune(W, Pattern(0.5))
+    tensors = SparseWeight.from_dense(r.W, r.keep, Pattern(0.5)).to_tensors("lv")
+    tensors["lv.meta"] = tensors["lv.meta"][:9]                     # the 9-entry meta of the first format
+    assert torch.equal(SparseWeight.from_tensors(tensors, "lv").dequantize(), r.W)

@@ -64,7 +64,7 @@ class JointSpec:
                 **self.pattern.to_json()}
 
 
-_KEYS = {"method", "bits", "sparsity", "nm", "group_size", "symmetric"}
+_KEYS = {"method", "bits", "sparsity", "nm", "steps", "step_weights", "group_size", "symmetric"}
 
 
 def _need(cond: bool, where: str, msg: str) -> None:

@@ -4,8 +4,13 @@
       - method: sparsegpt            # sparsegpt | wanda | magnitude
         sparsity: [0.0, 0.5, 0.6]    # unstructured fractions in [0, 1); 0 = the dense fp16 weight
         nm: ["2:4"]                  # N:M patterns: keep n of every m consecutive input columns
+        steps: 4                     # optional, EvoPress's levels: around each sparsity s, levels that
+        step_weights: 16384          # prune k * step_weights more weights, k = -steps..steps
 
-Ids: `sparsegpt-s50`, `wanda-2of4`, `magnitude-s0` (dense). Format and exact costs: `sparse_format.py`
+Ids: `sparsegpt-s50`, `wanda-2of4`, `magnitude-s0` (dense), `sparsegpt-s60-32768w`. With `steps`,
+adjacent levels of every unit differ by exactly `step_weights` pruned weights (clamped at 0 and at
+the unit's size), so a level switch that raises one unit and lowers another keeps the total
+exactly (EvoPress uses step_weights = 0.5 * min(s, 1 - s) / steps * hidden^2). Format and exact costs: `sparse_format.py`
 (unstructured: 1-bit mask + fp16 values = 1 + 16 * density bits per weight; 2:4: fp16 values +
 a 2-bit index per kept value = 9 bpw). SparseGPT builds every level of a unit from one Hessian
 factorization; Wanda reads only diag(H); magnitude needs no calibration.
@@ -74,7 +79,11 @@ def parse_patterns(fam: dict, at: str) -> list[Pattern]:
     nm = fam.get("nm", [])
     nm = [nm] if isinstance(nm, str) else nm
     _need(isinstance(nm, list), at, "nm must be a pattern like '2:4' or a list of them")
-    patterns = [Pattern(sparsity=float(s)) for s in sp]
+    steps, step = fam.get("steps", 0), fam.get("step_weights", 0)
+    for v, key in ((steps, "steps"), (step, "step_weights")):
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, at, f"{key} must be a positive integer")
+    _need(bool(steps) == bool(step), at, "steps and step_weights go together (levels at s + k * step_weights weights)")
+    patterns = [Pattern(sparsity=float(s), offset=k * step) for s in sp for k in range(-steps, steps + 1)]
     for text in nm:
         parts = str(text).split(":")
         ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
@@ -85,7 +94,7 @@ def parse_patterns(fam: dict, at: str) -> list[Pattern]:
     return patterns
 
 
-_KEYS = {"method", "sparsity", "nm"}
+_KEYS = {"method", "sparsity", "nm", "steps", "step_weights"}
 
 
 def parse_sparse(fam: dict, at: str) -> list[SparseSpec]:

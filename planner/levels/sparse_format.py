@@ -16,10 +16,13 @@ Kept values are fp16 (`bits` 0), or integer codes of `bits` bits on the group-wi
     code_bits   = kept * (16 if fp16 else bits)           nominal bits of the kept values
     stored_bits = positions + kept values + scales/zeros  everything the format writes
 
-Unstructured counts are exact functions of the shape: a level with sparsity s prunes
-``P(in)`` weights, where ``P(c) = floor(s * out * c + 1/2)`` (s as the exact decimal given);
-solvers that choose a mask block by block prune ``P(c2) - P(c1)`` in columns [c1, c2), and
-row-wise ones prune ``floor(s * in * (r + 1) + 1/2) - floor(s * in * r + 1/2)`` in row r.
+Unstructured counts are exact functions of the shape. A level with sparsity s and weight offset
+d (EvoPress's fixed-size steps: d = k x step_weights, see sparse.py) prunes weights at the rate
+``rate = clamp(s * out + d / in, 0, out)`` per column, ``P(c) = floor(rate * c + 1/2)`` in the
+first c columns, so ``P(in) = floor(s * out * in + 1/2) + d`` in all (clamped to [0, out * in];
+s as the exact decimal given). Solvers that choose a mask block by block prune ``P(c2) - P(c1)``
+in columns [c1, c2); row-wise ones prune ``R(r + 1) - R(r)`` in row r, ``R(r) = floor(rate * in /
+out * r + 1/2)``. With d = 0 and 0 < s, the level stores a mask; a level that prunes nothing does not.
 """
 
 from __future__ import annotations
@@ -50,11 +53,14 @@ class Pattern:
     sparsity: float = 0.0
     n: int = 0
     m: int = 0
+    offset: int = 0      # weights pruned beyond round(sparsity * numel) (negative: fewer); unstructured only
 
     def __post_init__(self) -> None:
         if self.m:
             if not (isinstance(self.n, int) and isinstance(self.m, int) and 1 <= self.n < self.m <= 256):
                 raise ValueError(f"N:M needs integers 1 <= n < m <= 256, got {self.n}:{self.m}")
+            if self.offset:
+                raise ValueError("an N:M pattern takes no weight offset")
         elif not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
 
@@ -66,30 +72,37 @@ class Pattern:
     def id(self) -> str:
         if self.is_nm:
             return f"{self.n}of{self.m}"
-        return f"s{float(exact(self.sparsity) * 100):g}"
+        return f"s{float(exact(self.sparsity) * 100):g}" + (f"{self.offset:+d}w" if self.offset else "")
 
     @property
     def index_bits(self) -> int:
         return max(1, math.ceil(math.log2(self.m))) if self.is_nm else 0
 
-    def pruned_upto(self, rows: int, cols: int) -> int:
-        """Unstructured: weights pruned among the first `cols` columns (all `rows` rows), P(cols)."""
-        return round_half_up(exact(self.sparsity) * rows * cols)
+    def rate(self, shape: tuple[int, int]) -> Fraction:
+        """Unstructured: weights pruned per column (over all rows), clamped to [0, out]."""
+        out, inp = shape
+        return min(max(exact(self.sparsity) * out + Fraction(self.offset, inp), Fraction(0)), Fraction(out))
+
+    def pruned_before(self, shape: tuple[int, int], cols: int) -> int:
+        """Unstructured: weights pruned among the first `cols` columns, P(cols)."""
+        return round_half_up(self.rate(shape) * cols)
 
     def kept(self, shape: tuple[int, int]) -> int:
         out, inp = shape
         if self.is_nm:
             full, tail = divmod(inp, self.m)
             return out * (full * self.n + min(self.n, tail))
-        return out * inp - self.pruned_upto(out, inp)
+        return out * inp - self.pruned_before(shape, inp)
 
     def position_bits(self, shape: tuple[int, int]) -> int:
         if self.is_nm:
             return self.kept(shape) * self.index_bits
-        return 0 if self.sparsity == 0 else shape[0] * shape[1]
+        return 0 if self.kept(shape) == shape[0] * shape[1] else shape[0] * shape[1]
 
     def to_json(self) -> dict:
-        return {"nm": f"{self.n}:{self.m}"} if self.is_nm else {"sparsity": self.sparsity}
+        if self.is_nm:
+            return {"nm": f"{self.n}:{self.m}"}
+        return {"sparsity": self.sparsity, **({"offset": self.offset} if self.offset else {})}
 
 
 def _value_bits(shape: tuple[int, int], kept: int, quant: QuantSpec | None) -> int:
@@ -142,7 +155,7 @@ def _encode_positions(keep: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     if pattern.is_nm:
         cols = keep.nonzero()[:, 1]                     # row-major, ascending within each row
         return pack_codes(cols % pattern.m, pattern.index_bits)
-    if pattern.sparsity == 0:
+    if pattern.position_bits(tuple(keep.shape)) == 0:
         return torch.empty(0, dtype=torch.uint8)
     return pack_codes(keep.to(torch.uint8), 1)
 
@@ -150,7 +163,7 @@ def _encode_positions(keep: torch.Tensor, pattern: Pattern) -> torch.Tensor:
 def _decode_positions(positions: torch.Tensor, pattern: Pattern, shape: tuple[int, int]) -> torch.Tensor:
     out, inp = shape
     if not pattern.is_nm:
-        if pattern.sparsity == 0:
+        if pattern.position_bits(shape) == 0:
             return torch.ones(shape, dtype=torch.bool)
         return unpack_codes(positions, 1, shape).bool()
     idx = unpack_codes(positions, pattern.index_bits, (pattern.kept(shape),)).to(torch.int64)
@@ -215,18 +228,20 @@ class SparseWeight:
         return sum(t.numel() * t.element_size() for t in (self.positions, self.values, self.scales, self.zeros))
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """meta = [out, in, n, m, sparsity numerator, denominator, bits (0: fp16), group_size, symmetric]."""
+        """meta = [out, in, n, m, sparsity numerator, denominator, bits (0: fp16), group_size, symmetric,
+        offset] (files without the offset hold 0)."""
         s = exact(self.pattern.sparsity)
         q = self.quant
         meta = torch.tensor([*self.shape, self.pattern.n, self.pattern.m, s.numerator, s.denominator,
-                             q.bits if q else 0, q.group_size if q else 0, int(q.symmetric) if q else 0])
+                             q.bits if q else 0, q.group_size if q else 0, int(q.symmetric) if q else 0,
+                             self.pattern.offset])
         return {f"{prefix}.positions": self.positions, f"{prefix}.values": self.values,
                 f"{prefix}.scales": self.scales, f"{prefix}.zeros": self.zeros, f"{prefix}.meta": meta}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> SparseWeight:
-        out, inp, n, m, num, den, bits, gs, sym = (int(v) for v in tensors[f"{prefix}.meta"].tolist())
-        pattern = Pattern(sparsity=float(Fraction(num, den)), n=n, m=m)
+        out, inp, n, m, num, den, bits, gs, sym, *offset = (int(v) for v in tensors[f"{prefix}.meta"].tolist())
+        pattern = Pattern(sparsity=float(Fraction(num, den)), n=n, m=m, offset=offset[0] if offset else 0)
         quant = QuantSpec(bits, gs, bool(sym)) if bits else None
         sw = cls((out, inp), pattern, quant, *(tensors[f"{prefix}.{k}"] for k in ("positions", "values", "scales", "zeros")))
         want = nbytes((out, inp), pattern, quant)

@@ -19,7 +19,7 @@ import torch
 
 from planner.levels.gptq import inverse_hessian_factor
 from planner.levels.quant import QuantSpec, grid_params
-from planner.levels.sparse_format import Pattern, exact, round_half_up
+from planner.levels.sparse_format import Pattern, round_half_up
 
 _FP16_MAX = 65504.0
 
@@ -58,24 +58,24 @@ def prune_nm(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     return pruned
 
 
-def prune_block(score: torch.Tensor, pattern: Pattern, c1: int, rows: int) -> torch.Tensor:
-    """Pruned mask of columns [c1, c1 + w) of a matrix with `rows` rows: P(c2) - P(c1) smallest."""
+def prune_block(score: torch.Tensor, pattern: Pattern, c1: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Pruned mask of columns [c1, c1 + w) of a matrix of `shape`: its P(c2) - P(c1) smallest scores."""
     if pattern.is_nm:
         return prune_nm(score, pattern)
     c2 = c1 + score.shape[1]
-    return _smallest(score, pattern.pruned_upto(rows, c2) - pattern.pruned_upto(rows, c1))
+    return _smallest(score, pattern.pruned_before(shape, c2) - pattern.pruned_before(shape, c1))
 
 
 def prune_rows(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Pruned mask with (near-)equal counts per row: row r prunes Q(r+1) - Q(r), Q(r) = [s*in*r]."""
+    """Pruned mask with (near-)equal counts per row: row r prunes R(r+1) - R(r) (sparse_format.py)."""
     if pattern.is_nm:
         return prune_nm(score, pattern)
     out, inp = score.shape
-    s = exact(pattern.sparsity)
+    per_row = pattern.rate((out, inp)) * inp / out
     pruned = torch.zeros(out, inp, dtype=torch.bool)
     order = torch.argsort(score, dim=1, stable=True)
     for r in range(out):
-        k = round_half_up(s * inp * (r + 1)) - round_half_up(s * inp * r)
+        k = round_half_up(per_row * (r + 1)) - round_half_up(per_row * r)
         pruned[r, order[r, :k]] = True
     return pruned
 
@@ -87,7 +87,7 @@ def _fp16(W: torch.Tensor) -> torch.Tensor:
 
 def magnitude_prune(W: torch.Tensor, pattern: Pattern) -> Pruned:
     W = W.detach().float()
-    pruned = prune_nm(W.abs(), pattern) if pattern.is_nm else _smallest(W.abs(), pattern.pruned_upto(*W.shape))
+    pruned = prune_nm(W.abs(), pattern) if pattern.is_nm else _smallest(W.abs(), W.numel() - pattern.kept(W.shape))
     return Pruned(_fp16(W) * ~pruned, ~pruned)
 
 
@@ -146,7 +146,7 @@ def _sweep(W: torch.Tensor, Hinv: torch.Tensor, levels: list[tuple[Pattern, Quan
                 if col % sel[k] == 0:
                     c2 = min(col + sel[k], cols)
                     score = _current(W[r], W1[r], Err1[r], Hinv, i1, i2, i, c2) ** 2 / d_all[col:c2][None, :] ** 2
-                    pruned[r, col:c2] = prune_block(score, pattern, col, out)
+                    pruned[r, col:c2] = prune_block(score, pattern, col, (out, cols))
                 if quant is not None and col % gw[k] == 0:
                     c2 = min(col + gw[k], cols)
                     Wg = _current(W[r], W1[r], Err1[r], Hinv, i1, i2, i, c2) * ~pruned[r, col:c2]
