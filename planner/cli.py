@@ -51,7 +51,8 @@ def _model_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="seed for window split and search (default 0)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="evaluation dtype (default bf16: 3-4x faster on CPU)")
     g.add_argument("--trust-remote-code", action="store_true", default=None, help="allow model code from the hub (off by default)")
-    g.add_argument("--space", default=None, help="search space: a built-in name (gptq-g128, rtn-g128) or a YAML file")
+    g.add_argument("--space", default=None, help="search space: a built-in name (gptq-g128, rtn-g128, sparsegpt, nm, "
+                   "joint, depth, ...: the files in search_spaces/) or a YAML file")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="find the best plan for a budget", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Build levels (cached), measure uniform baselines, search, and compare on held-out text.")
-    s.add_argument("--budget", help="3.0bits (code bits per weight), 3.25bpw (stored bits incl. scales), or a size like 45MB")
+    s.add_argument("--budget", help="3.0bits (code bits per weight), 3.25bpw (stored bits incl. scales), a size like "
+                   "45MB, 50%%sparsity (pruned weights), or limits joined by commas: 4.0bits,50%%sparsity")
     s.add_argument("--method", default=None, help="evo (default), uniform, nsga2 / tpe (multi-objective: KL and size, "
                    "--objectives), or a sensitivity method: ilp (exact knapsack "
                    "plan), lagrange (sweep of budgets), hessian (with --max-kl/--max-ppl-increase: bisection to the target), "
