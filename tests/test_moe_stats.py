@@ -102,6 +102,17 @@ def test_dense_errors_are_layer_local_output_errors(session, stats):
         assert st.dense[u.name][lv] == pytest.approx(expect, rel=1e-5)
 
 
+def test_block_gains(session, stats):
+    model, st = stats
+    assert sorted(st.gain) == [0, 1] and all(0 < g < float("inf") for g in st.gain.values())
+    from planner.budget import parse_budget
+
+    problem = session.problem(parse_budget("3.0bits"))
+    raw, weighted = lp_data(st, problem, gains=False), lp_data(st, problem)
+    e = 0
+    assert weighted["error"][e][0] == pytest.approx(st.gain[raw["layers"][e]] * raw["error"][e][0])
+
+
 def test_stats_are_cached_and_feed_the_program(session, stats, monkeypatch):
     model, _ = stats
     calib = session.windows.ids[session.windows.calib]

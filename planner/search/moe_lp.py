@@ -15,8 +15,11 @@ accounts it) covers experts and dense units (attention, shared experts, dense ML
 program. To make the two commensurate, every layer's expert costs are rescaled so that at the
 layer's cheapest level they sum to the physical quantity frequency * weight^2 * error, the expected
 squared error the layer's experts add to the block output per token; dense units come with the same
-currency, their layer-local output error E||dW x||^2 per token (planner/moe/stats.py). The
-exponents therefore decide how a layer's share is spread over its experts, not how large it is.
+currency, their layer-local output error E||dW x||^2 per token. The pipeline multiplies both by the
+block's gain (the measured KL of the block's units at their cheapest level over their predicted
+total), so errors of early blocks, which travel through every later one, weigh what they cost
+(planner/moe/stats.py). The exponents decide
+how a layer's share is spread over its experts, not how large it is.
 Options: `layer_budget` also holds each MoE layer's experts to the budget's average (MC-MoE's
 per-layer budget); `min_count` demands at least n experts per layer at a level.
 
