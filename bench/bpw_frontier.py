@@ -28,11 +28,13 @@ import argparse
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -44,6 +46,7 @@ from planner.export.gguf_file import row_permutation  # noqa: E402
 from planner.levels.gguf_levels import libggml  # noqa: E402
 from planner.levels.hessian import collect_hessians  # noqa: E402
 from planner.levels.llamacpp_lib import model_quantize  # noqa: E402
+from planner.levels.registry import BUILDERS  # noqa: E402
 from planner.model.families import family_of  # noqa: E402
 from planner.model.load import _alias_gguf  # noqa: E402
 from planner.pipeline import DTYPES, ModelData, prepare  # noqa: E402
@@ -75,16 +78,31 @@ def families(gguf_rounding: str) -> dict[str, list[dict]]:
     }
 
 
-class WithMixes:
-    """The levels DB plus llama.cpp mixes as extra (unit, level) weights (the evaluator reads `weight`)."""
+class LeanLevels:
+    """What the evaluator reads (`weight`), with bounded memory: one level of one unit at a time
+    from the levels DB, llama.cpp mixes kept as their GGUF blocks, dequantized weights in an LRU."""
 
-    def __init__(self, db, extra: dict[tuple[str, str], torch.Tensor]):
-        self.db, self.extra = db, extra
+    def __init__(self, db, mixes: dict[tuple[str, str], tuple[np.ndarray, object, tuple]], cap_bytes: float = 1e9):
+        self.db, self.mixes, self.cap = db, mixes, cap_bytes
+        self._lru: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def _load(self, unit: str, level: str) -> torch.Tensor:
+        if (unit, level) in self.mixes:
+            data, qtype, shape = self.mixes[(unit, level)]
+            return torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(shape).copy())
+        builder = next(lv.builder for lv in self.db.levels(unit) if lv.id == level)
+        with safe_open(str(self.db.path / "units" / f"{unit}.safetensors"), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(level + ".")}
+        return BUILDERS[builder].load(tensors, level).dequantize(torch.float32)
 
     def weight(self, unit: str, level: str, dtype: torch.dtype) -> torch.Tensor:
-        if (unit, level) in self.extra:
-            return self.extra[(unit, level)].to(dtype)
-        return self.db.weight(unit, level, dtype)
+        key = (unit, level, dtype)
+        if key not in self._lru:
+            self._lru[key] = self._load(unit, level).to(dtype)
+            while sum(t.numel() * t.element_size() for t in self._lru.values()) > self.cap and len(self._lru) > 1:
+                self._lru.popitem(last=False)
+        self._lru.move_to_end(key)
+        return self._lru[key]
 
 
 def wide_problem(db, units, extra_costs: dict[str, dict[str, tuple[int, int]]]) -> Problem:
@@ -127,10 +145,10 @@ def llama_mixes(libllama: str, session, ftypes: list[str], work: Path, log) -> t
         for u in session.units:
             stem = stems[u.kind]
             t = tensors[f"blk.{u.block}.{stem}.weight"]
-            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(u.shape)
+            data = np.array(t.data).reshape(u.shape[0], -1)          # rows of blocks, a copy
             if stem in heads:       # llama.cpp's rotary row order back to transformers'
-                w = w[np.argsort(row_permutation(u.shape[0], heads[stem]))]
-            weights[(u.name, level)] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.bfloat16)
+                data = data[np.argsort(row_permutation(u.shape[0], heads[stem]))]
+            weights[(u.name, level)] = (np.ascontiguousarray(data), t.tensor_type, u.shape)
             costs[level][u.name] = (u.numel * _nominal(t.tensor_type.name), int(t.n_bytes) * 8)
             types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         out.unlink()
@@ -198,7 +216,7 @@ def main() -> None:
     else:
         emit("# llama.cpp mixes: ABSENT (no libllama: pass --libllama PATH of a llama.cpp build)")
     wide = wide_problem(session.db, session.units, extra_c)
-    db = WithMixes(session.db, extra_w)
+    db = LeanLevels(session.db, extra_w)
     ev = InProcessEvaluator(session.loaded.model, db, wide, session.windows, dtype=DTYPES[md.dtype], ref_cache_bytes=1e9)
     ev_docs = InProcessEvaluator(session.loaded.model, db, wide, docs, dtype=DTYPES[md.dtype], ref_cache_bytes=1e9)
     rows = []
@@ -226,7 +244,7 @@ def main() -> None:
 
     def evo(group: str, problem: Problem, budget: str) -> None:
         t0 = time.perf_counter()
-        sev = InProcessEvaluator(session.loaded.model, session.db, problem, session.windows, dtype=DTYPES[md.dtype],
+        sev = InProcessEvaluator(session.loaded.model, db, problem, session.windows, dtype=DTYPES[md.dtype],
                                  ref_cache_bytes=1e9)
         run = RunDir.create(Path(tempfile.mkdtemp(dir=workdir)) / "uniform", {"method": "uniform"})
         uni = make_searcher("uniform", problem, {"tokens": 1024}, args.seed)
