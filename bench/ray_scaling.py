@@ -45,7 +45,7 @@ from planner.search.operators import level_switch  # noqa: E402
 OFFSPRING, STAGES = 16, ((4, 512), (1, 2048))     # the `cpu` schedule
 # dequantized levels a Ray worker keeps (LRU): all six bf16 levels of the default model are 1.3 GB a
 # worker, more than this shared 23 GB machine spares (Ray's memory monitor kills workers at 95%)
-CACHE_BYTES = 6e8
+CACHE_BYTES = 4e8
 
 
 def load() -> str:
@@ -114,8 +114,40 @@ def run_generations(evaluate, gens: list[list[list[Candidate]]]) -> tuple[float,
     return time.perf_counter() - t0, tokens, kls
 
 
-def throughput(session, problem, generations: int) -> list[str]:
+def _ray_rows(session, problem, warm, gens) -> list[tuple]:
+    """Ray with 1 and 2 workers (first, while the driver holds only the fp32 model: this machine's
+    memory is shared, and Ray's memory monitor kills workers at 95% of it)."""
     import ray
+
+    rows = []
+    ray.init(address="local", num_cpus=2, include_dashboard=False, dashboard_port=free_port(), logging_level="WARNING")
+    try:
+        for workers in (1, 2):
+            name = f"Ray, {workers} worker{'s' * (workers > 1)} x 1 thread"
+            cluster = Cluster(ClusterSpec(workers=workers, cache_bytes=CACHE_BYTES))
+            try:
+                t0 = time.perf_counter()
+                ev = dataclasses.replace(session, cluster=cluster, _evaluator=None).evaluator(problem)
+                started = time.perf_counter() - t0
+                run_generations(ev.evaluate, warm)
+                d = cluster.dispatcher
+                d.wall_s, busy0 = 0.0, [s.busy_s for s in d.stats]
+                wall, tokens, kls = run_generations(ev.evaluate, gens)
+            except PlannerError as e:             # every worker killed (out of memory): say so, go on
+                rows.append((name, None, 0, [], f"failed: {e}"))
+                continue
+            finally:
+                cluster.close()
+            util = " ".join(f"w{s.worker} {100 * (s.busy_s - b) / d.wall_s:.0f}%" for s, b in zip(d.stats, busy0,
+                                                                                                 strict=True))
+            rows.append((name, wall, tokens, kls, f"utilisation {util}; actors up in {started:.0f} s; "
+                                                  f"worker deaths {sum(s.deaths for s in d.stats)}"))
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def throughput(session, problem, generations: int) -> list[str]:
     import torch
 
     rng = np.random.default_rng(0)
@@ -123,40 +155,26 @@ def throughput(session, problem, generations: int) -> list[str]:
                        range(problem.n_units)])
     warm = [generation(problem, parent, rng, 1000)[:1]]   # references and dequantized levels, once
     gens = [generation(problem, parent, rng, g) for g in range(generations)]
-    rows, ref = [], None
+    torch.set_num_threads(1)
+    remote = _ray_rows(session, problem, warm, gens)
+    rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
         ev = session.evaluator(problem)
         run_generations(ev.evaluate, warm)
         wall, tokens, kls = run_generations(ev.evaluate, gens)
-        ref = ref or (wall, kls)
         rows.append((f"in-process, {threads} thread{'s' * (threads > 1)}", wall, tokens, kls, ""))
     torch.set_num_threads(1)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, dashboard_port=free_port(), logging_level="WARNING")
-    try:
-        for workers in (1, 2):
-            cluster = Cluster(ClusterSpec(workers=workers, cache_bytes=CACHE_BYTES))
-            t0 = time.perf_counter()
-            ev = dataclasses.replace(session, cluster=cluster, _evaluator=None).evaluator(problem)
-            started = time.perf_counter() - t0
-            run_generations(ev.evaluate, warm)
-            d = cluster.dispatcher
-            d.wall_s, busy0 = 0.0, [s.busy_s for s in d.stats]
-            wall, tokens, kls = run_generations(ev.evaluate, gens)
-            util = " ".join(f"w{s.worker} {100 * (s.busy_s - b) / d.wall_s:.0f}%" for s, b in zip(d.stats, busy0,
-                                                                                                 strict=True))
-            deaths = sum(s.deaths for s in d.stats)
-            rows.append((f"Ray, {workers} worker{'s' * (workers > 1)} x 1 thread", wall, tokens, kls,
-                         f"utilisation {util}; actors up in {started:.0f} s; worker deaths {deaths}"))
-            cluster.close()
-    finally:
-        ray.shutdown()
+    ref = rows[0]
     out = [f"{'executor':32s} {'wall s':>7s} {'tok/s':>7s} {'speed-up':>8s}  {'identical KL':14s}  notes"]
-    for name, wall, tokens, kls, note in rows:
+    for name, wall, tokens, kls, note in rows + remote:
+        if wall is None:
+            out.append(f"{name:32s} {'-':>7s} {'-':>7s} {'-':>8s}  {'-':14s}  {note}")
+            continue
         ok = [i for i, k in enumerate(kls) if np.isfinite(k)]
-        same = "yes" if [kls[i] for i in ok] == [ref[1][i] for i in ok] else "NO"
+        same = "yes" if [kls[i] for i in ok] == [ref[3][i] for i in ok] else "NO"
         failed = f" ({len(kls) - len(ok)} failed)" if len(ok) < len(kls) else ""
-        out.append(f"{name:32s} {wall:7.1f} {tokens / wall:7.0f} {ref[0] / wall:8.2f}  {same + failed:14s}  {note}")
+        out.append(f"{name:32s} {wall:7.1f} {tokens / wall:7.0f} {ref[1] / wall:8.2f}  {same + failed:14s}  {note}")
     return out
 
 
@@ -178,15 +196,26 @@ class SleepActor:
 def ray_overhead(counts: list[int], unit_s: float, per_worker: int) -> list[str]:
     import ray
 
-    out = [f"{'actors':>6s} {'start s':>8s} {'tasks':>6s} {'ideal s':>8s} {'wall s':>7s} {'efficiency':>10s}"]
+    out = []
     ray.init(address="local", num_cpus=max(counts), include_dashboard=False, dashboard_port=free_port(),
              logging_level="WARNING")
     try:
+        probe = ray.remote(SleepActor).options(num_cpus=1).remote(unit_s)
+        ray.get(probe.info.remote())
+        trips = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            ray.get(probe.info.remote())
+            trips.append(time.perf_counter() - t0)
+        ray.kill(probe)
+        out += [f"round trip of an empty actor call: median {1e3 * statistics.median(trips):.1f} ms, "
+                f"min {1e3 * min(trips):.1f} ms (50 calls, load average {load()})",
+                f"{'actors':>6s} {'start s':>8s} {'tasks':>6s} {'ideal s':>8s} {'wall s':>7s} {'efficiency':>10s}"]
         for n in counts:
             t0 = time.perf_counter()
             actors = [ray.remote(SleepActor).options(num_cpus=1).remote(unit_s) for _ in range(n)]
-            try:
-                ray.get([a.info.remote() for a in actors])
+            try:        # a first call also imports the task's module in each actor: part of the start
+                ray.get([a.run.remote("warm", None, Task(0, (0,), (0,), 0.0)) for a in actors])
             except ray.exceptions.RayError as e:     # e.g. killed by Ray's memory monitor on this shared machine
                 out.append(f"{n:6d}  could not start {n} actors: {str(e).splitlines()[0][:120]}")
                 for a in actors:
@@ -232,6 +261,8 @@ def main() -> None:
     ap.add_argument("--actors", default="2,8,16,32", help="sleeping-actor counts for Ray's overhead (32 idle "
                     "actors take ~3 GB: a count that runs out of memory ends the section)")
     ap.add_argument("--unit-s", type=float, default=0.05, help="simulated seconds per forward of one batch")
+    ap.add_argument("--sections", default="4,3,2,1", help="which sections, in this order (model-free first: "
+                    "they need the memory the model would take)")
     ap.add_argument("--out", default="reports/ray_scaling.txt")
     args = ap.parse_args()
 
@@ -263,7 +294,7 @@ def main() -> None:
                 (f"4. simulated scaling (real planner + dispatcher, sleeping threads, {args.unit_s} s per batch "
                  "forward; cpu schedule 4x, wide 0.1x that)", lambda: simulated(args.unit_s))]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for title, fn in (sections[3], sections[2], sections[0], sections[1]):   # model-free first
+    for title, fn in (sections[int(k) - 1] for k in args.sections.split(",")):
         t0 = time.perf_counter()
         body = fn()
         lines += [title, *body, f"   ({time.perf_counter() - t0:.0f} s; load average {load()})", ""]

@@ -35,7 +35,9 @@ class RayBackend:
         return self.actors[worker].run.remote(self.key, self.problem_ref, work)
 
     def wait(self, futures: list) -> list:
-        return self.ray.wait(futures, num_returns=1)[0]
+        """At least one finished future, and every other one already finished (one round trip)."""
+        first = self.ray.wait(futures, num_returns=1)[0]
+        return list(dict.fromkeys(first + self.ray.wait(futures, num_returns=len(futures), timeout=0)[0]))
 
     def result(self, future):
         exc = self.ray.exceptions

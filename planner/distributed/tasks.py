@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.evaluate.kl import Scores
-
 
 @dataclass(frozen=True)
 class CostModel:
@@ -106,9 +104,11 @@ def lpt_order(tasks: list[Task]) -> list[int]:
     return sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)
 
 
-def fold(batch_sums: np.ndarray, n_windows: int, seqlen: int) -> Scores:
+def fold(batch_sums: np.ndarray, n_windows: int, seqlen: int):
     """Per-batch (kl, nll) sums of one plan -> Scores, summed in batch order from 0.0 and divided
     exactly as the in-process evaluator does (its `_scores`), so the results are bit-identical."""
+    from planner.evaluate.kl import Scores  # imports torch: not for the scheduling side
+
     kl = nll = 0.0
     for k, n in batch_sums:
         kl, nll = kl + float(k), nll + float(n)
