@@ -4,7 +4,6 @@ SmolLM2-135M and runs its first blocks on builtin-corpus windows)."""
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from planner.data.corpus import builtin_text
