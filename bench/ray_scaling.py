@@ -293,14 +293,33 @@ def main() -> None:
                  "8 tasks of 0.2 s per actor", lambda: ray_overhead([int(n) for n in args.actors.split(",")], 0.2, 8)),
                 (f"4. simulated scaling (real planner + dispatcher, sleeping threads, {args.unit_s} s per batch "
                  "forward; cpu schedule 4x, wide 0.1x that)", lambda: simulated(args.unit_s))]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for title, fn in (sections[int(k) - 1] for k in args.sections.split(",")):
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept = _sections(out.read_text()) if out.is_file() else {}   # sections not rerun stay as they were
+    done: dict[str, list[str]] = {}
+    for key in args.sections.split(","):
+        title, fn = sections[int(key) - 1]
         t0 = time.perf_counter()
         body = fn()
-        lines += [title, *body, f"   ({time.perf_counter() - t0:.0f} s; load average {load()})", ""]
-        print("\n".join(lines[-len(body) - 3:]), flush=True)
-        Path(args.out).write_text("\n".join(lines))       # a section at a time: a crash keeps the others
-    print(f"wrote {args.out}")
+        done[key] = [title, *body, f"   ({time.perf_counter() - t0:.0f} s; load average {load()}; "
+                                   f"{time.strftime('%Y-%m-%d %H:%M')})", ""]
+        print("\n".join(done[key]), flush=True)
+        merged = {**kept, **done}
+        out.write_text("\n".join(lines + [ln for k in sorted(merged) for ln in merged[k]]))   # a crash keeps the rest
+    print(f"wrote {out}")
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """A previous report's sections by number ("1".."4"), header dropped."""
+    blocks: dict[str, list[str]] = {}
+    key = None
+    for line in text.splitlines():
+        if line[:2] in {"1.", "2.", "3.", "4."}:
+            key = line[0]
+            blocks[key] = []
+        if key is not None:
+            blocks[key].append(line)
+    return blocks
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def test_worker_with_a_small_weight_cache_gives_the_in_process_sums(tiny_session
     want = session.evaluator(problem).score_many(list(xs), windows)
     got = [fold(done.output.sums[:, i], len(windows), session.windows.seqlen) for i in range(len(xs))]
     assert got == want and not done.output.errors
-    assert worker.db.nbytes <= 2e5 + 8 * 128 * 64 * 4 and worker.db.misses > problem.n_units   # it evicted
+    assert worker.db.nbytes <= 2e5 + 128 * 64 * 4 and worker.db.misses > problem.n_units   # it evicted
 
 
 def test_ray_backend_counts_an_oom_kill_as_a_lost_worker():

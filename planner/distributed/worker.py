@@ -71,7 +71,8 @@ class _DeviceDB:
     """A levels DB whose dequantized weights live on the worker's device in an LRU of `budget`
     bytes, none kept on the host: LevelsDB caches every level of every unit it reads (6 bf16
     levels: 12 bytes a weight, 84 GB for Llama-3-8B), which no GPU holds. A plan touches few units
-    beyond its parent's, so the working set is small; an evicted unit is re-read from its file."""
+    beyond its parent's, so the working set is small; a miss reads the unit's file and dequantizes
+    just the level asked for."""
 
     def __init__(self, db: LevelsDB, device: torch.device, budget: float):
         self._db, self._device, self.budget = db, device, budget
@@ -85,18 +86,12 @@ class _DeviceDB:
         key = (unit, level, dtype)
         if key not in self._cache:
             self.misses += 1
-            self._db.weight(unit, level, dtype)            # one file read dequantizes every level of the unit
-            for lv in self._db.levels(unit):
-                w = self._db._dequantized.pop((unit, lv.id, dtype)).to(self._device)
-                self._cache[(unit, lv.id, dtype)] = w
-                self.nbytes += w.numel() * w.element_size()
+            w = self._db.load(unit, level).dequantize(dtype).to(self._device)
+            self._cache[key] = w
+            self.nbytes += w.numel() * w.element_size()
             while self.nbytes > self.budget and len(self._cache) > 1:
-                k, w = self._cache.popitem(last=False)
-                if k != key:
-                    self.nbytes -= w.numel() * w.element_size()
-                else:
-                    self._cache[k] = w
-                    break
+                _, old = self._cache.popitem(last=False)
+                self.nbytes -= old.numel() * old.element_size()
         self._cache.move_to_end(key)
         return self._cache[key]
 
