@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default=None, help="evo warm start: uniform (default: the best uniform plan/mix), hessian "
                    "(the exact knapsack plan of --score), moe-lp (MoE models: the moe-lp plan) or a plan JSON file")
     s.add_argument("--score", default=None, help="sensitivity score for ilp/lagrange/hessian and --init hessian: "
-                   "hutchinson (default), fisher, noise, proxy (see `planner sensitivity`)")
+                   "fisher (default), hutchinson, noise, proxy (see `planner sensitivity`)")
     s.add_argument("--max-kl", type=float, default=None, help="hessian: accuracy target, the most compressed plan "
                    "with KL <= this (--budget optional: it caps the search)")
     s.add_argument("--max-ppl-increase", default=None, help="hessian: accuracy target as a perplexity increase, e.g. 2%%")
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _workers_args(s)
 
     sn = sub.add_parser("sensitivity", help="per-unit sensitivity scores (cached next to the levels database)")
-    sn.add_argument("--score", default=None, help="hutchinson (default), fisher, noise, proxy, or all")
+    sn.add_argument("--score", default=None, help="fisher (default), hutchinson, noise, proxy, or all")
     sn.add_argument("--top", type=int, default=15, help="print the N most sensitive units (default 15)")
     _model_data_args(sn)
     _common(sn)
