@@ -32,7 +32,7 @@ from planner.sensitivity.score import (
 PROXY_METHODS = ("ilp", "lagrange", "hessian")   # searchers that take `damage` rows
 # fisher: on the default model its exact plan measured best at 2.5, 3.0 and 4.0 bits and within 2.5%
 # of the best at 3.5, at under a third of hutchinson's cost (reports/hessian_vs_evo.txt)
-DEFAULT_SCORE = Score.FISHER
+DEFAULT_SCORE = SensitivityConfig.score
 
 
 def parse_score(name: str | None) -> Score:

@@ -46,7 +46,7 @@ class Score(str, enum.Enum):
 
 @dataclass(frozen=True)
 class SensitivityConfig:
-    score: Score = Score.HUTCHINSON
+    score: Score = Score.FISHER       # the default: see planner.sensitivity.plans.DEFAULT_SCORE
     tokens: int = 256                 # calibration tokens the score is measured on (proxy: all of them)
     tol: float = 0.1                  # hutchinson/fisher: stop at this relative standard error per unit
     min_probes: int = 8
