@@ -1,6 +1,10 @@
 """`kill -9` a real `planner search` process at several moments; `--resume` must reach the same
 journal and the same best plan as an uninterrupted run with the same seed (fp32, one thread:
-every evaluation is bit-reproducible across processes)."""
+every evaluation is bit-reproducible across processes).
+
+The process kills itself with SIGKILL at an exact journal row (optionally half-way through writing
+it, leaving a torn line), so the test does not depend on how fast the machine is: polling from
+outside raced a fast CI machine, which finished the whole run between two polls."""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +27,42 @@ def _cmd(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "planner.cli", *map(str, args)]
 
 
+# Runs the real CLI with RunDir.append_result wrapped: row `at` is written whole (or torn half-way),
+# then the process SIGKILLs itself - no cleanup, no atexit, exactly like `kill -9`.
+_KILLER = """
+import json, os, signal, sys
+from dataclasses import asdict
+from planner import cli, rundir
+at, torn = int(sys.argv[1]), sys.argv[2] == "torn"
+append, n = rundir.RunDir.append_result, [0]
+def killing_append(self, row):
+    n[0] += 1
+    if n[0] == at and torn:
+        with open(self.path / "results.jsonl", "a") as f:
+            f.write(json.dumps(asdict(row), default=rundir._jsonable)[:40])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    append(self, row)
+    if n[0] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+rundir.RunDir.append_result = killing_append
+sys.argv = ["planner", *sys.argv[3:]]
+sys.exit(cli.main())
+"""
+
+
+def _killed_at(row: int, torn: bool, args: list) -> list[str]:
+    return [sys.executable, "-c", _KILLER, str(row), "torn" if torn else "whole", *map(str, args)]
+
+
 def _rows(run: Path) -> list[dict]:
     f = run / "results.jsonl"
     return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+
+
+def _rows_intact(run: Path) -> list[str]:
+    return [line for line in (run / "results.jsonl").read_text().split("\n")[:-1]]
 
 
 def _essence(run: Path) -> tuple[list, dict]:
@@ -54,17 +90,14 @@ def reference(tmp_path_factory, base_args, env):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after_rows", [3, 12, 25])
-def test_kill9_then_resume_matches_uninterrupted(tmp_path, base_args, env, reference, kill_after_rows):
+@pytest.mark.parametrize("kill_at_row, torn", [(3, False), (12, True), (25, False), (33, True)])
+def test_kill9_then_resume_matches_uninterrupted(tmp_path, base_args, env, reference, kill_at_row, torn):
     run = tmp_path / "r"
-    proc = subprocess.Popen(_cmd(["search", *base_args, "--runs-dir", tmp_path, "--name", "r"]), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(_rows(run)) < kill_after_rows and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(_rows(run)) < len(reference[0]), "the run finished before it could be killed"
+    assert kill_at_row < len(reference[0])
+    proc = subprocess.run(_killed_at(kill_at_row, torn, ["search", *base_args, "--runs-dir", tmp_path, "--name", "r"]),
+                          env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert len(_rows_intact(run)) == kill_at_row - torn
     subprocess.run(_cmd(["search", "--resume", run, "--threads", "1", "-q"]), env=env, check=True,
                    capture_output=True, timeout=600)
     assert _essence(run) == reference
