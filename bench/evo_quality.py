@@ -11,7 +11,9 @@ Rows per budget:
   proxy (ilp)        exact allocation of the summed per-layer weight error ||W - Q||^2 (HiGHS)
   evopress-default   evo with swaps only between same-size units and EvoPress's super-fast
                      racing (16 offspring, 1@512, 1@8192), given our number of evaluations
+  hessian: ilp       exact allocation of the Fisher sensitivity's predicted damage (issue 4, HiGHS)
   evo (ours)         cost-aware swaps, the `cpu` schedule, warm-started from the best mix
+  evo (ours, ...)    the same, warm-started from the hessian plan (`--init hessian`)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from planner.search import (  # noqa: E402
     run_search,
 )
 from planner.search.evo import SCHEDULES  # noqa: E402
+from planner.sensitivity import proxy_inputs  # noqa: E402
 from planner.space import load_space  # noqa: E402
 
 RULES = ("by-block-asc", "by-block-desc", "sandwich", "attention+down-first")
@@ -120,6 +123,10 @@ def main() -> None:
         damage = weight_error_damage(session, problem)
         proxy, _, n, t = search("ilp", problem, ev, {"damage": damage, "score": "weight-mse"}, args.seed, workdir)
         measure("proxy: ilp on sum ||W-Q||^2", proxy.best(), n, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fisher = proxy_inputs(session, problem, None, "ilp", {}, None, "fisher", args.seed)
+        hess, _, n, t = search("ilp", problem, ev, fisher, args.seed, workdir)
+        measure("hessian: ilp on fisher damage", hess.best(), n, time.perf_counter() - t0)
         init = list(uni.best())
         ours_evals = args.generations * ours_per_gen
         ep = {"generations": math.ceil(ours_evals / ep_per_gen), "offspring": 16, "stages": ep_stages,
@@ -129,6 +136,8 @@ def main() -> None:
         mine = {**cpu, "generations": args.generations, "init_x": init}
         s, _, n, t = search("evo", problem, ev, mine, args.seed, workdir)
         measure("evo (ours)", s.best(), n, t)
+        s, _, n, t = search("evo", problem, ev, {**mine, "init_x": list(hess.best())}, args.seed, workdir)
+        measure("evo (ours, from the hessian plan)", s.best(), n, t)
 
         base = rows[0][5]
         emit(f"\n## budget {b} bits")
@@ -139,14 +148,18 @@ def main() -> None:
                  f"{dkl:>8.4f} {dppl:>9.2f} {kl / base:>10.3f}")
         summary.append((b, rows))
     emit("\n## summary: held-out KL (builtin / builtin-docs), ratio to uniform")
-    emit(f"{'bits':>5} {'uniform':>16} {'best mix':>16} {'best rule':>16} {'proxy':>16} {'evopress-def':>16} "
-         f"{'evo (ours)':>16} {'ours/uniform':>12}")
+    emit(f"{'bits':>5} {'uniform':>16} {'best mix':>16} {'best rule':>16} {'proxy':>16} {'hessian ilp':>16} "
+         f"{'evopress-def':>16} {'evo (ours)':>16} {'evo from ilp':>16} {'ours/uniform':>12} {'ours/mix':>9}")
     for b, rows in summary:
         by = {r[0].split(" (")[0].split(":")[0]: r for r in rows}
         rule = min((r for r in rows if r[0].startswith("rule:")), key=lambda r: r[5], default=None)
-        cells = [rows[0], by.get("best mix"), rule, by.get("proxy"), by.get("evopress-default"), rows[-1]]
+        evo = next(r for r in rows if r[0] == "evo (ours)")
+        ours = min(evo, rows[-1], key=lambda r: r[5])     # the better of our two evo rows
+        mix = by.get("best mix")
+        cells = [rows[0], mix, rule, by.get("proxy"), by.get("hessian"), by.get("evopress-default"), evo, rows[-1]]
         fmt = [f"{c[5]:.3f}/{c[7]:.3f}" if c else "-" for c in cells]
-        emit(f"{b:>5} " + " ".join(f"{f:>16}" for f in fmt) + f" {rows[-1][5] / rows[0][5]:>12.3f}")
+        emit(f"{b:>5} " + " ".join(f"{f:>16}" for f in fmt) + f" {ours[5] / rows[0][5]:>12.3f}"
+             + (f" {ours[5] / mix[5]:>9.3f}" if mix else f" {'-':>9}"))
 
 
 if __name__ == "__main__":
