@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="html (default: the dashboard), or tables: top plans, per-layer allocation, method comparison")
     r.add_argument("--out", default=None, help="html: output file (default RUN/report.html, ./report.html for several "
                    "runs); tables: output directory (default RUN/tables)")
+    r.add_argument("--quiet", "-q", action="store_true", help="accepted for symmetry: report shows no progress bars")
 
     d = sub.add_parser("dashboard", help="serve the dashboard on 127.0.0.1, refreshed while a search runs")
     d.add_argument("run", nargs="+", help="run dir(s) (runs/<name>)")
