@@ -319,6 +319,10 @@ def cmd_search(args) -> int:
     problem = problem_for(session, budget, cfg.get("tie_fused", False))   # infeasible budget: error before the run dir exists
     if cfg.get("target"):
         from planner.export.targets import Target, search_problem
+        from planner.moe.experts import refuse_fused_experts
+
+        refuse_fused_experts(problem.model_units, f"--target {cfg['target']} (exports)", "search without --target "
+                             "and measure plans with `planner eval`", session.loaded.model)
 
         problem = search_problem(problem, Target(cfg["target"]), {u.name: u.shape for u in session.units})
     if cfg.get("real"):
@@ -465,7 +469,12 @@ def cmd_dashboard(args) -> int:
 
 def cmd_export(args) -> int:
     from planner.export import export_run
+    from planner.moe.experts import refuse_fused_experts
+    from planner.rundir import RunDir
 
+    refuse_fused_experts(RunDir.open(args.run).load_problem().model_units, "planner export",  # before loading anything
+                         f"measure the plan with `planner eval {Path(args.run) / 'best_plan.json'}` instead "
+                         "(exports need a checkpoint with one module per expert)")
     _setup_torch(args.threads)
     result = export_run(args.run, args.plan, args.format, args.out, dtype=args.dtype, quiet=args.quiet)
     print("\n".join([f"exported plan as {result.format} to {result.out}", *result.lines]))

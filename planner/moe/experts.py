@@ -15,14 +15,15 @@ Routers (`gate`, Qwen's `shared_expert_gate`) stay in full precision; shared exp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from planner.errors import BadModel
-from planner.model.families import Family, family_of
+from planner.errors import BadModel, PlannerError
+from planner.model.families import FAMILIES, Family, family_of
 from planner.units import Unit, module_at
 
 
@@ -168,3 +169,36 @@ class ExpertSlices:
                     work[j].copy_(self._weight(n, level) if level else self._base[k][j])
                     self._current[n] = level
             p.data = work if any(self._current[n] for n in names) else self._base[k]
+
+
+class FusedExpertsUnsupported(PlannerError):
+    """A verb that cannot handle slices of fused 3-D expert tensors yet (CLI: one line, exit 2)."""
+
+
+# matrices only the fused layout has (the per-expert ModuleLists split gate and up): a plan naming
+# `<experts>.<j>.gate_up_proj` is a fused model's, and so are the other slices under those experts
+_FUSED_ONLY = ({lk.path for f in FAMILIES if f.moe for lk in f.moe.fused}
+               - {lk.path for f in FAMILIES if f.moe for lk in f.moe.per_expert})
+_SLICE = re.compile(r"^(.*)\.(\d+)\.([A-Za-z_0-9]+)$")
+
+
+def fused_slices(names: Iterable[str], model: nn.Module | None = None) -> list[str]:
+    """The names among `names` that are slices of fused 3-D expert tensors: exactly, from the model,
+    or (no model: a run dir before anything is loaded) from the names the family table gives them."""
+    names = list(names)
+    if model is not None:
+        return [n for n in names if expert_slice(model, n) is not None]
+    parts = [(n, _SLICE.match(n)) for n in names]
+    fused = {m.group(1) for _, m in parts if m and m.group(3) in _FUSED_ONLY}
+    fused_paths = {lk.path for f in FAMILIES if f.moe for lk in f.moe.fused}
+    return [n for n, m in parts if m and m.group(1) in fused and m.group(3) in fused_paths]
+
+
+def refuse_fused_experts(names: Iterable[str], what: str, instead: str, model: nn.Module | None = None) -> None:
+    """Raise one clear line when `what` would meet slices of fused 3-D expert tensors, which it
+    does not handle (it would crash, or silently leave the experts at full precision)."""
+    hit = fused_slices(names, model)
+    if hit:
+        raise FusedExpertsUnsupported(
+            f"{what} does not support MoE experts stored as fused 3-D tensors (transformers' layout; "
+            f"{len(hit)} planned expert slices such as {hit[0]!r}): {instead}")

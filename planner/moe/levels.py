@@ -32,12 +32,13 @@ def _is_down(u: Unit) -> bool:
 
 
 @torch.no_grad()
-def expert_hessians(model: nn.Module, blocks: list[MoeBlock], calib_ids: torch.Tensor, progress=None
-                    ) -> dict[str, torch.Tensor]:
+def expert_hessians(model: nn.Module, blocks: list[MoeBlock], calib_ids: torch.Tensor, progress=None,
+                    usable: bool = True) -> dict[str, torch.Tensor]:
     """unit name -> H [in, in] of the tokens routed to its expert (float32, 2/n X^T X).
 
-    An expert no calibration token reached gets the identity (GPTQ then rounds like RTN, with error
-    feedback); a column no routed token excites keeps its weight (GPTQ would zero it)."""
+    `usable` (for GPTQ): an expert no calibration token reached gets the identity (GPTQ then rounds
+    like RTN, with error feedback) and a column no routed token excites keeps its weight (GPTQ would
+    zero it); without it such an H is zero where no token reached, as a hook on a module would see."""
     acc: dict[tuple[int, int], list] = {}    # (block, expert) -> [H_in, H_down, n]
 
     def fn(mb: MoeBlock, X: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
@@ -61,7 +62,10 @@ def expert_hessians(model: nn.Module, blocks: list[MoeBlock], calib_ids: torch.T
             H_in, H_down, n = acc.get((mb.block, j), (None, None, 0))
             for u in units:
                 H = (H_down if _is_down(u) else H_in) if n else None
-                out[u.name] = _usable(H, u.shape[1], n)
+                if usable:
+                    out[u.name] = _usable(H, u.shape[1], n)
+                else:
+                    out[u.name] = H * (2.0 / n) if n else torch.zeros(u.shape[1], u.shape[1])
     return out
 
 

@@ -43,8 +43,11 @@ class RealEvaluator(InProcessEvaluator):
 def real_evaluator(session, problem, cpu_kind: CpuKind | None = None) -> RealEvaluator:
     """A RealEvaluator over a pipeline Session's model, DB and windows, installed as the session's
     evaluator so that every verb of the pipeline (search, finish, eval) measures through it."""
+    from planner.moe.experts import refuse_fused_experts
     from planner.pipeline import DTYPES
 
+    refuse_fused_experts(problem.model_units, "the packed runtime (--real)", "evaluate without --real "
+                         "(dequantized weights, the same levels)", session.loaded.model)
     ev = RealEvaluator(session.loaded.model, session.db, problem, session.windows,
                        dtype=DTYPES[session.spec.dtype], kl_topk=getattr(session.spec, "kl_topk", None),
                        cpu_kind=cpu_kind)

@@ -11,6 +11,11 @@ The Fisher score is the trace of (1/N) sum_t g_t g_t^T, g_t the gradient of toke
 NLL. Per-token gradients are not materialized: with random signs s_t, E||sum_t s_t g_t||^2 =
 sum_t ||g_t||^2, one backward per probe through a graph kept from one forward.
 
+A unit may be a slice of a parameter: MoE experts stored as one fused 3-D tensor (transformers >= 5)
+have no module per expert, so expert j's unit is the slice [j] of the tensor's gradient (and of the
+probe vector, whose slices are independent like whole parameters are). Each distinct parameter is
+differentiated once and its elementwise products are summed per unit.
+
 Both stop when every unit's standard error is at most `tol` times its trace (or at `max_probes`).
 A unit whose trace is below `floor` (1%) of the largest one gets an absolute bar instead, `tol`
 times `floor` times the largest trace: its predicted damage is negligible next to the large ones,
@@ -20,7 +25,7 @@ to pin it down relatively.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,15 +42,44 @@ class TraceEstimate:
 
 
 def unit_parameters(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
-    """The units' weights with gradients enabled, everything else frozen; eager attention, since
-    the fused CPU attention kernels have no second derivative."""
+    """Per unit, the parameter holding its weight (a fused expert's: the whole 3-D tensor, see
+    `unit_slices`), gradients enabled, everything else frozen; eager attention and experts, since
+    the fused CPU kernels have no second derivative."""
+    from planner.moe.experts import expert_slice
+
     model.requires_grad_(False)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    params = [model.get_submodule(n).weight for n in names]
+    for name in ("set_attn_implementation", "set_experts_implementation"):
+        if hasattr(model, name):
+            getattr(model, name)("eager")
+    params = []
+    for n in names:
+        hit = expert_slice(model, n)
+        params.append(model.get_submodule(n).weight if hit is None else hit[0])
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def unit_slices(model: nn.Module, names: list[str]) -> list[int | None]:
+    """Per unit, the expert index of its slice in a fused 3-D expert tensor; None for a whole weight."""
+    from planner.moe.experts import expert_slice
+
+    return [None if hit is None else hit[1] for hit in (expert_slice(model, n) for n in names)]
+
+
+class _Units:
+    """Units over distinct parameters: several units may share one (the experts of a fused tensor)."""
+
+    def __init__(self, params: list[nn.Parameter], slices: Sequence[int | None] | None):
+        self.params = list({id(p): p for p in params}.values())
+        pos = {id(p): i for i, p in enumerate(self.params)}
+        self.index = [pos[id(p)] for p in params]
+        self.slices = list(slices) if slices is not None else [None] * len(params)
+
+    def sums(self, per_param: Sequence[torch.Tensor]) -> np.ndarray:
+        """Per unit, the float64 sum of its part of an elementwise product over the distinct parameters."""
+        return np.array([float((per_param[i] if s is None else per_param[i][s]).sum(dtype=torch.float64))
+                         for i, s in zip(self.index, self.slices, strict=True)])
 
 
 def rademacher(shape, gen: torch.Generator) -> torch.Tensor:
@@ -93,31 +127,36 @@ def _probe_loop(probe: Callable[[torch.Generator], np.ndarray], tol: float, min_
 
 
 def hutchinson_trace(model: nn.Module, params: list[nn.Parameter], ids: torch.Tensor, tol: float = 0.1,
-                     min_probes: int = 8, max_probes: int = 64, seed: int = 0, progress=None) -> TraceEstimate:
-    """tr(H_uu) per unit of the Hessian of the mean per-token KL on `ids` ([B, T]) at the current weights."""
+                     min_probes: int = 8, max_probes: int = 64, seed: int = 0, progress=None,
+                     slices: Sequence[int | None] | None = None) -> TraceEstimate:
+    """tr(H_uu) per unit of the Hessian of the mean per-token KL on `ids` ([B, T]) at the current weights
+    (`slices`: per unit, its expert index in a shared 3-D parameter, see `unit_slices`)."""
+    units = _Units(params, slices)
     with torch.no_grad():
         p_ref = torch.softmax(model(ids, use_cache=False).logits.float(), dim=-1)
     loss = mean_kl_to(model(ids, use_cache=False).logits, p_ref)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    grads = torch.autograd.grad(loss, units.params, create_graph=True)
     del p_ref
 
     def probe(gen: torch.Generator) -> np.ndarray:
-        v = [rademacher(p.shape, gen) for p in params]
-        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-        return np.array([float((h * vi).sum(dtype=torch.float64)) for h, vi in zip(hv, v, strict=True)])
+        v = [rademacher(p.shape, gen) for p in units.params]
+        hv = torch.autograd.grad(grads, units.params, grad_outputs=v, retain_graph=True)
+        return units.sums([h * vi for h, vi in zip(hv, v, strict=True)])
 
     return _probe_loop(probe, tol, min_probes, max_probes, seed, progress)
 
 
 def fisher_trace(model: nn.Module, params: list[nn.Parameter], ids: torch.Tensor, tol: float = 0.1,
-                 min_probes: int = 8, max_probes: int = 64, seed: int = 0, progress=None) -> TraceEstimate:
+                 min_probes: int = 8, max_probes: int = 64, seed: int = 0, progress=None,
+                 slices: Sequence[int | None] | None = None) -> TraceEstimate:
     """tr of the empirical Fisher (1/N) sum_t g_t g_t^T per unit, g_t = grad of token t's NLL on `ids`."""
+    units = _Units(params, slices)
     logits = model(ids, use_cache=False).logits.float()
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     n = nll.numel()
 
     def probe(gen: torch.Generator) -> np.ndarray:
-        g = torch.autograd.grad(nll, params, grad_outputs=rademacher(nll.shape, gen), retain_graph=True)
-        return np.array([float(gi.double().pow(2).sum()) / n for gi in g])
+        g = torch.autograd.grad(nll, units.params, grad_outputs=rademacher(nll.shape, gen), retain_graph=True)
+        return units.sums([gi.double().pow(2) for gi in g]) / n
 
     return _probe_loop(probe, tol, min_probes, max_probes, seed, progress)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from planner.moe.experts import unit_weight
 from planner.units import Unit
 
 
@@ -88,19 +89,19 @@ def noise_response(model: nn.Module, units: list[Unit], blocks_path: str, ids: t
     run = _Runner(model, blocks_path, ids)
     alpha, resid = np.zeros(len(units)), np.zeros(len(units))
     for i, u in enumerate(units):
-        mod = model.get_submodule(u.name)
-        W = mod.weight.data
+        W = unit_weight(model, u.name)      # a module's weight, or a view of a fused expert's slice
+        base = W.clone()
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         rel, kl = [], []
         for t2 in levels:
             noise = torch.randn(W.shape, generator=gen, dtype=torch.float32).to(W.dtype)
-            noise *= float(np.sqrt(t2 * float(W.double().pow(2).mean())))
-            mod.weight.data = W + noise
+            noise *= float(np.sqrt(t2 * float(base.double().pow(2).mean())))
+            W.add_(noise)
             try:
                 kl.append(run.kl(u.block))
             finally:
-                mod.weight.data = W
-            rel.append(float(noise.double().pow(2).sum() / W.double().pow(2).sum()))
+                W.copy_(base)
+            rel.append(float(noise.double().pow(2).sum() / base.double().pow(2).sum()))
         r, k = np.array(rel), np.array(kl)
         alpha[i] = float((r * k).sum() / (r * r).sum())
         resid[i] = float(np.sqrt(np.mean((k - alpha[i] * r) ** 2)) / max(np.abs(k).mean(), 1e-30))

@@ -9,6 +9,10 @@ dW is the level's dequantized weight (from the levels DB) minus the base weight.
 predict KL in nats per token; `proxy` is a layer-local output error with no model-level weight.
 Results are cached as JSON next to the levels DB they describe (`<db>/sensitivity/`), keyed by
 the score and the settings it depends on.
+
+MoE experts stored as fused 3-D tensors are scored per expert slice like any unit: their gradients
+are the slices of the tensor's gradient, and `proxy` uses each expert's Hessian of its routed tokens
+(planner/moe/levels.py), what a hook on a per-expert module would see.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from planner.errors import PlannerError
 from planner.levels.db import LevelsDB
 from planner.levels.gptq import proxy_error
 from planner.levels.hessian import collect_hessians
+from planner.moe.experts import expert_slice, moe_blocks, unit_weight
 from planner.problem import Problem
 from planner.rundir import write_json
-from planner.sensitivity.curvature import fisher_trace, hutchinson_trace, unit_parameters
+from planner.sensitivity.curvature import fisher_trace, hutchinson_trace, unit_parameters, unit_slices
 from planner.sensitivity.noise import noise_response
 from planner.units import Unit
 
@@ -114,7 +119,7 @@ def level_errors(model: nn.Module, units: list[Unit], db: LevelsDB,
     """Per unit and level: ||dW||^2 ("sq"), ||dW||^2/||W||^2 ("rel") and, given hessians, tr(dW H dW^T)."""
     out: dict[str, dict[str, dict[str, float]]] = {"sq": {}, "rel": {}, "proxy": {}}
     for u in units:
-        W = model.get_submodule(u.name).weight.detach().float()
+        W = unit_weight(model, u.name).detach().float()
         norm = float(W.double().pow(2).sum())
         for key in out:
             out[key][u.name] = {}
@@ -128,6 +133,18 @@ def level_errors(model: nn.Module, units: list[Unit], db: LevelsDB,
     return out
 
 
+def unit_hessians(model: nn.Module, units: list[Unit], calib_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """unit.group -> H = 2/n X^T X of its input; a fused expert slice's over the tokens routed to it."""
+    from planner.moe.levels import expert_hessians
+
+    slices = [u for u in units if expert_slice(model, u.name) is not None]
+    H = collect_hessians(model, [u for u in units if u not in slices], calib_ids)
+    if slices:
+        routed = expert_hessians(model, moe_blocks(model, slices), calib_ids, usable=False)
+        H.update({u.group: routed[u.name] for u in slices})
+    return H
+
+
 def compute_sensitivity(model: nn.Module, units: list[Unit], db: LevelsDB, calib_ids: torch.Tensor,
                         blocks_path: str, config: SensitivityConfig, bar=None) -> Sensitivity:
     """The score of `config` on `model` (fp32; its units get gradients) and its damage table."""
@@ -137,7 +154,7 @@ def compute_sensitivity(model: nn.Module, units: list[Unit], db: LevelsDB, calib
     numel = np.array([u.numel for u in units], dtype=np.float64)
     s = config.score
     if s is Score.PROXY:
-        errors = level_errors(model, units, db, collect_hessians(model, units, calib_ids))
+        errors = level_errors(model, units, db, unit_hessians(model, units, calib_ids))
         value, stderr, probes = np.full(len(units), np.nan), np.zeros(len(units)), 0
         damage = errors["proxy"]
     elif s is Score.NOISE:
@@ -148,7 +165,8 @@ def compute_sensitivity(model: nn.Module, units: list[Unit], db: LevelsDB, calib
     else:
         estimate = hutchinson_trace if s is Score.HUTCHINSON else fisher_trace
         params = unit_parameters(model, names)
-        est = estimate(model, params, ids, config.tol, config.min_probes, config.max_probes, config.seed, bar)
+        est = estimate(model, params, ids, config.tol, config.min_probes, config.max_probes, config.seed, bar,
+                       slices=unit_slices(model, names))
         for p in params:
             p.requires_grad_(False)
         value, stderr, probes = est.trace / numel, est.stderr / numel, est.probes
