@@ -23,6 +23,7 @@ from torch import nn
 from planner.errors import PlannerError
 from planner.levels.db import LevelsDB
 from planner.levels.quant import QuantizedWeight
+from planner.levels.registry import Stored
 from planner.model.families import Family, LinearKind, family_of
 from planner.plan import Plan
 from planner.problem import Problem
@@ -70,9 +71,14 @@ class ExportContext:
     def spec_of(self, unit: str) -> LevelSpec:
         return level_specs(self.space)[self.level_of(unit)]
 
-    def quantized(self, unit: str) -> QuantizedWeight:
-        """The unit's packed codes/scales/zeros at its planned level, exactly as the DB holds them."""
+    def stored(self, unit: str) -> Stored:
+        """The unit's planned level exactly as the DB holds it (any kind: QuantizedWeight, FormatWeight,
+        GGUFWeight, ...)."""
         return self.db.load(unit, self.level_of(unit))
+
+    def quantized(self, unit: str) -> QuantizedWeight:
+        """The unit's packed codes/scales/zeros at its planned (integer) level, exactly as the DB holds them."""
+        return self.stored(unit)
 
     def linear_kind(self, unit: Unit) -> LinearKind:
         return next(lk for lk in self.family.linears if lk.kind == unit.kind)
@@ -110,7 +116,8 @@ def register(cls: type) -> type:
 
 
 def level_specs(space: SearchSpace) -> dict[str, LevelSpec]:
-    return {s.id: s for s in space.levels}
+    """Every spec of the space by id, the overrides' levels included."""
+    return {s.id: s for s in space.all_levels}
 
 
 def planned_units(ctx: ExportContext) -> list[Unit]:

@@ -3,7 +3,10 @@
 Metadata comes from the transformers config and a BPE (`gpt2`-style) tokenizer.json; q/k rows are
 permuted the way llama.cpp's converter does (transformers undoes it on load). Each planned tensor:
 
-    exact     the level's grid is a GGUF grid (group size a multiple of 32, same symmetry): the
+    raw       a `gguf` level: its stored blocks are the tensor, byte for byte (lossless, any type)
+    exact     a `format` level in a GGUF type's layout: its codes and scale fields packed into that
+              type's blocks (`gguf_blocks.encode_blocks`; decodes bit for bit alike); or an integer
+              level whose grid is a GGUF grid (group size a multiple of 32, same symmetry): the
               levels DB's codes and fp16 scales become the blocks directly (Q4_0, Q5_0, Q8_0 exact;
               Q4_1 / Q5_1 store the minimum -scale*zero in fp16, which rounds it by <= 2^-11)
     requant   a 32-block type the `gguf` package can quantize: it re-quantizes the dequantized level
@@ -23,7 +26,12 @@ import torch
 from torch import nn
 
 from planner.export.base import BadExport
+from planner.levels.formats import FormatWeight
+from planner.levels.gguf_blocks import GGUF_FORMATS, encode_blocks
+from planner.levels.gguf_levels import GGUFWeight
+from planner.levels.grids import Params
 from planner.levels.quant import QuantizedWeight
+from planner.levels.registry import Stored
 
 _EXACT = {"Q4_0": (4, True), "Q4_1": (4, False), "Q5_0": (5, True), "Q5_1": (5, False), "Q8_0": (8, True)}
 _WRITABLE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
@@ -33,7 +41,7 @@ _LLAMA_TYPES = {"llama", "mistral", "smollm3", "granite"}
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str                 # GGUF name, "blk.3.attn_q.weight"
-    qw: QuantizedWeight
+    stored: Stored            # the planned level as the levels DB holds it
     type: str                 # planned GGUF type
     permute_heads: int = 0    # >0: permute rows like llama.cpp does for attn_q / attn_k
 
@@ -67,13 +75,37 @@ def encode_exact(qw: QuantizedWeight, type_name: str) -> np.ndarray | None:
     return np.concatenate(parts, axis=-1).reshape(out, -1)
 
 
+def encode_format(fw: FormatWeight, type_name: str) -> np.ndarray | None:
+    """GGUF blocks [out, bytes] of a format level in that type's layout, or None when it is not."""
+    block = GGUF_FORMATS[type_name].group_size * max(1, GGUF_FORMATS[type_name].super_groups) \
+        if type_name in GGUF_FORMATS else 0
+    if not block or fw.fmt != GGUF_FORMATS[type_name] or fw.colscale.numel() or fw.shape[1] % block:
+        return None
+    q, sc, mc, d, dmin = fw.fields()
+    return encode_blocks(type_name, q, Params(None, None, sc, mc, d, dmin))
+
+
+def gguf_blocks(stored: Stored, type_name: str) -> tuple[np.ndarray, str] | None:
+    """(blocks [out, row bytes], how) of a level that is already a `type_name` tensor, losslessly."""
+    if isinstance(stored, GGUFWeight):
+        return (stored.blocks.numpy(), "raw") if stored.gguf_type == type_name else None
+    if isinstance(stored, FormatWeight):
+        blocks = encode_format(stored, type_name)
+    elif isinstance(stored, QuantizedWeight):
+        blocks = encode_exact(stored, type_name)
+    else:
+        blocks = None
+    return None if blocks is None else (blocks, "exact")
+
+
 def encode(t: PlannedTensor) -> tuple[np.ndarray, gguf.GGMLQuantizationType, str]:
     """(data, GGUF type, how) of one planned tensor, rows already permuted when asked."""
-    blocks = encode_exact(t.qw, t.type)
-    perm = row_permutation(t.qw.shape[0], t.permute_heads) if t.permute_heads else None
-    if blocks is not None:
-        return (blocks[perm] if perm is not None else blocks), gguf.GGMLQuantizationType[t.type], "exact"
-    w = t.qw.dequantize(torch.float32).numpy()
+    lossless = gguf_blocks(t.stored, t.type)
+    perm = row_permutation(t.stored.shape[0], t.permute_heads) if t.permute_heads else None
+    if lossless is not None:
+        blocks, how = lossless
+        return (blocks[perm] if perm is not None else blocks), gguf.GGMLQuantizationType[t.type], how
+    w = t.stored.dequantize(torch.float32).numpy()
     w = w[perm] if perm is not None else w
     if t.type in _WRITABLE:
         qtype = gguf.GGMLQuantizationType[t.type]

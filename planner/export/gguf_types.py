@@ -17,6 +17,12 @@ the exported GGUF file holds exactly the types of the tensor-type file) and beca
 level with group size a multiple of 32 lies on their grid. 1- and 7-bit levels have no GGUF type.
 When the rows do not fit (e.g. 576 columns are not a multiple of 256), `gguf_type` returns what
 llama-quantize would fall back to, marked `exact=False`: such a level is not deployable as planned.
+
+Levels that already are GGUF tensors need no mapping (`native_type`): a `gguf` level stores the blocks
+of its type (or of llama-quantize's fallback for its rows), and a `format` level whose format is a
+GGUF type's layout (`gguf_blocks.GGUF_FORMATS`: int4 g32 symmetric = Q4_0, int4 g32 with super-block
+6-bit scales = Q4_K, iq4nl g32 = IQ4_NL, ...) packs into that type's blocks losslessly. Other
+format levels (nf / k-means grids, AWQ column scales, other group sizes) have no GGUF type.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from planner.levels.formats import FormatSpec
+from planner.levels.gguf_blocks import GGUF_FORMATS
+from planner.levels.gguf_levels import GGUFSpec, stored_type
 
 _TABLE: dict[int, tuple[str, str]] = {  # bits -> (symmetric type, asymmetric type)
     2: ("Q2_K", "Q2_K"), 3: ("Q3_K", "Q3_K"), 4: ("Q4_0", "Q4_1"), 5: ("Q5_0", "Q5_1"), 6: ("Q6_K", "Q6_K"),
@@ -72,3 +82,23 @@ def gguf_type(bits: int, symmetric: bool, in_features: int) -> GGUFChoice | None
 def _choice(name: str, exact: bool, note: str) -> GGUFChoice:
     return GGUFChoice(name, type_bpw(name), type_block(name), exact, note)
 
+
+
+def native_type(spec: FormatSpec | GGUFSpec, in_features: int | None) -> tuple[str | None, str]:
+    """(GGUF type, "") of a level that is a GGUF tensor as stored, or (None, why not). Without
+    `in_features` the row-length checks are skipped (a gguf level's type is then the requested one)."""
+    if isinstance(spec, GGUFSpec):
+        if in_features is None:
+            return spec.type, ""
+        try:
+            return stored_type(spec.type, in_features), ""
+        except ValueError as e:
+            return None, str(e)
+    name = next((n for n, f in GGUF_FORMATS.items() if f == spec.fmt), None)
+    if name is None or spec.awq:
+        return None, f"format level {spec.id!r} has no GGUF type (" + \
+            ("AWQ column scales" if spec.awq else "its grid/group/scale layout is no GGUF block layout") + \
+            "): use a gguf level, or export --format packed"
+    if in_features is not None and in_features % type_block(name):
+        return None, f"{name} needs rows that are a multiple of {type_block(name)} weights (this tensor has {in_features})"
+    return name, ""

@@ -8,7 +8,9 @@
                             `gguf` package, transformers (`gguf_file=`) and llama.cpp
     OUT/llamacpp.json       per tensor: level, GGUF type, its real bpw, how it was encoded
 
-Levels map to GGUF types by `gguf_types.gguf_type`; the table there lists the real bpw of each type.
+Integer levels map to GGUF types by `gguf_types.gguf_type`; the table there lists the real bpw of
+each type. `gguf` levels (and `format` levels in a GGUF layout) already are GGUF tensors: their type
+is the stored one (`gguf_types.native_type`) and their blocks go into model.gguf unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 from planner.export.base import BadExport, ExportContext, ExportResult, register
 from planner.export.gguf_file import PlannedTensor, write_gguf
-from planner.export.gguf_types import gguf_type
+from planner.export.gguf_types import GGUFChoice, gguf_type, native_type, type_block, type_bpw
 from planner.model.families import Family
 from planner.space import LevelSpec
 from planner.units import Unit
@@ -43,13 +45,20 @@ def gguf_name(unit: Unit, family: Family) -> str:
     return f"blk.{unit.block}.{stem}.weight"
 
 
-def tensor_types(units: list[Unit], levels: dict[str, str], specs: dict[str, LevelSpec],
+def level_type(spec, in_features: int) -> GGUFChoice | None:
+    """The GGUF type of a level (integer: the mapped type; gguf / format: the type it is stored as)."""
+    if isinstance(spec, LevelSpec):
+        return gguf_type(spec.bits, spec.symmetric, in_features)
+    name, why = native_type(spec, in_features)
+    return GGUFChoice(name, type_bpw(name), type_block(name), True) if name else GGUFChoice("", 0.0, 0, False, why)
+
+
+def tensor_types(units: list[Unit], levels: dict[str, str], specs: dict,
                  family: Family) -> list[TensorType]:
     """The GGUF type of every planned unit (BadExport if a level has no exact GGUF type)."""
     out = []
     for u in units:
-        s = specs[levels[u.name]]
-        choice = gguf_type(s.bits, s.symmetric, u.shape[1])
+        choice = level_type(specs[levels[u.name]], u.shape[1])
         if choice is None or not choice.exact:
             raise BadExport(f"{u.name} at {levels[u.name]}: {choice.note if choice else 'no GGUF type fits'}")
         out.append(TensorType(u.name, gguf_name(u, family), levels[u.name], choice.type, choice.bpw, u.numel))
@@ -85,7 +94,7 @@ class LlamaCppExporter:
         (ctx.out / TYPES_FILE).write_text("\n".join(lines) + "\n")
         cfg = ctx.model.config
         heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
-        planned = [PlannedTensor(t.gguf_name, ctx.quantized(t.unit), t.type, heads.get(t.gguf_name.split(".")[2], 0))
+        planned = [PlannedTensor(t.gguf_name, ctx.stored(t.unit), t.type, heads.get(t.gguf_name.split(".")[2], 0))
                    for t in types]
         summary = [f"{TYPES_FILE}: {len(lines)} lines for {len(types)} tensors"]
         how: dict[str, str] = {}
@@ -104,8 +113,13 @@ class LlamaCppExporter:
         if how:
             modes = {m: sum(1 for v in how.values() if v == m) for m in sorted(set(how.values()))}
             summary.append(f"{GGUF_FILE}: " + ", ".join(f"{v} {k}" for k, v in modes.items())
-                           + " (exact = the DB's codes; requant = re-quantized by gguf; f16 = type gguf cannot write)")
-        summary.append(f"deploy: llama-quantize --tensor-type-file {ctx.shown / TYPES_FILE} model-f16.gguf out.gguf Q8_0")
+                           + " (raw = the level's own GGUF blocks; exact = the DB's codes packed as blocks; "
+                             "requant = re-quantized by gguf; f16 = type gguf cannot write)")
+        if how and set(how.values()) <= {"raw", "exact"}:
+            summary.append(f"deploy: {ctx.shown / GGUF_FILE} holds every planned tensor in its type "
+                           f"(llama-cli -m {ctx.shown / GGUF_FILE}); re-quantizing it would lose the levels' rounding")
+        else:
+            summary.append(f"deploy: llama-quantize --tensor-type-file {ctx.shown / TYPES_FILE} model-f16.gguf out.gguf Q8_0")
         report = {"gguf_bpw": bpw, "tensors": [{**t.__dict__, "encoded": how.get(t.gguf_name)} for t in types]}
         (ctx.out / "llamacpp.json").write_text(json.dumps(report, indent=1))
         return ExportResult(self.name, ctx.out, sorted(p.name for p in ctx.out.iterdir()), summary,

@@ -16,25 +16,29 @@ The rules (one row per target in `RULES`):
 
 Both symmetric and asymmetric (zero-point) levels pass everywhere: vLLM's compressed-tensors
 W4A16/W8A16 kernels take zero points, GPTQ stores them, GGUF types carry a min or are symmetric.
-Level ids are read back into (method, bits, group size, symmetric) by `parse_level`.
+Level ids are read back into specs by `level_ids.level_spec`.
+
+Other level kinds: llama.cpp serves every `gguf` level (it is a GGUF tensor) and each `format` level
+whose layout is a GGUF type's (`gguf_types.native_type`); vLLM and GPTQModel serve integer (gptq /
+rtn) levels only; `packed` serves every level of the levels DB.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from planner.export.base import NotDeployable
-from planner.export.gguf_types import gguf_type
+from planner.export.gguf_types import gguf_type, native_type
+from planner.export.level_ids import level_spec, parse_level
 from planner.model.families import FAMILIES
 from planner.plan import Plan
 from planner.problem import Problem
-from planner.space import LevelSpec, Method
+from planner.space import LevelSpec
 
 
 class Target(str, enum.Enum):
@@ -65,7 +69,6 @@ RULES: dict[Target, Rules] = {
 
 # kind -> fused group, from the family table ("q_proj" -> "qkv")
 _KIND_GROUP = {lk.kind: lk.group for fam in FAMILIES for lk in fam.linears}
-_LEVEL_ID = re.compile(r"^(?P<method>[a-z]+)-b(?P<bits>\d+)-(?:g(?P<gs>\d+)|pc)(?P<sym>-sym)?$")
 
 
 def parse_target(name: str) -> Target:
@@ -73,14 +76,6 @@ def parse_target(name: str) -> Target:
         return Target(name)
     except ValueError:
         raise NotDeployable(f"unknown target {name!r}: choose one of {', '.join(t.value for t in Target)}") from None
-
-
-def parse_level(level_id: str) -> LevelSpec | None:
-    """The inverse of `LevelSpec.id` ("gptq-b3-g128-sym" -> LevelSpec); None for other level kinds."""
-    m = _LEVEL_ID.match(level_id)
-    if m is None or m["method"] not in {x.value for x in Method}:
-        return None
-    return LevelSpec(Method(m["method"]), int(m["bits"]), int(m["gs"] or 0), bool(m["sym"]))
 
 
 def scheme(level_id: str) -> tuple | None:
@@ -95,9 +90,13 @@ def level_problem(level_id: str, target: Target, in_features: int | None) -> str
     rules = RULES[target]
     if target is Target.PACKED:
         return None
-    s = parse_level(level_id)
-    if s is None:
-        return f"{target.value} serves only integer group-wise levels, not {level_id!r}"
+    s = level_spec(level_id)
+    if rules.needs_gguf_type and s is not None and not isinstance(s, LevelSpec):
+        return native_type(s, in_features)[1] or None
+    if not isinstance(s, LevelSpec):
+        kind = f"the {s.builder} level" if s is not None else "the level"
+        return (f"{target.value} serves only integer group-wise (gptq / rtn) levels, not {kind} {level_id!r}: "
+                "export it with --format packed" + (" or llamacpp" if s is not None and native_type(s, None)[0] else ""))
     if rules.bits is not None and s.bits not in rules.bits:
         return f"{target.value} serves {'/'.join(map(str, sorted(rules.bits)))}-bit weights, not {s.bits}-bit"
     if rules.group_sizes is not None and s.group_size not in rules.group_sizes:

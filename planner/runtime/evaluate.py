@@ -1,5 +1,7 @@
-"""Real evaluation: the in-process evaluator with the plan's linears swapped for `PackedLinear`
-modules (packed weights, real kernels) instead of dequantized dense weights.
+"""Real evaluation: the in-process evaluator with the plan's linears swapped for their runtime
+modules (`runtime_linear`: PackedLinear with packed weights and real kernels, or, for levels without
+a kernel — format grids other than int-symmetric, K-quants, Q4_1, ... — a DequantLinear that keeps
+the level's stored payload and dequantizes it at each forward) instead of dequantized dense weights.
 
 Everything else — reference distributions, batching, prefix caching, KL — is the in-process
 evaluator's: only `apply` differs. Packed modules are built on first use per (unit, level) and
@@ -12,25 +14,25 @@ from kernels.cpu import CpuKind
 from planner.errors import BadPlan
 from planner.evaluate.evaluator import InProcessEvaluator
 from planner.plan import Plan
-from planner.runtime.packed import PackedLinear, replace_module
+from planner.runtime.packed import DequantLinear, PackedLinear, replace_module, runtime_linear
 
 
 class RealEvaluator(InProcessEvaluator):
     def __init__(self, *args, cpu_kind: CpuKind | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.cpu_kind = cpu_kind
-        self._packed: dict[tuple[str, str], PackedLinear] = {}
+        self._packed: dict[tuple[str, str], PackedLinear | DequantLinear] = {}
 
-    def packed_linear(self, unit: str, level: str) -> PackedLinear:
+    def packed_linear(self, unit: str, level: str) -> PackedLinear | DequantLinear:
         key = (unit, level)
         if key not in self._packed:
             dense = self._modules[unit]
-            self._packed[key] = PackedLinear.from_quantized(self.db.load(unit, level), dense.bias,
-                                                            self.cpu_kind).to(dense.weight.device)
+            self._packed[key] = runtime_linear(self.db.load(unit, level), dense.bias, self.cpu_kind,
+                                               level).to(dense.weight.device)
         return self._packed[key]
 
     def apply(self, plan: Plan | None) -> None:
-        """Put each planned unit's PackedLinear in its parent module; every other unit gets its dense Linear back."""
+        """Put each planned unit's runtime module in its parent module; every other unit gets its dense Linear back."""
         chosen = plan.as_dict() if plan else {}
         for u, level in chosen.items():
             i = self.problem._index.get(u)
