@@ -67,12 +67,20 @@ class Session:
 
     def problem(self, budget: Budget) -> Problem:
         p = self.db.problem(self.units, budget)
-        if self.space.tie is not Tie.NONE:   # fused groups (q/k/v, gate/up) or whole sub-blocks take one level
-            ties = (tuple(u.group for u in self.units) if self.space.tie is Tie.FUSED
-                    else subblock_ties(self.loaded.model, self.units))
-            p = dataclasses.replace(p, ties=ties, _index={}).fused()
+        if self.space.tie is not Tie.NONE:   # fused groups, whole sub-blocks or MoE experts take one level
+            p = dataclasses.replace(p, ties=self._ties(), _index={}).fused()
         p.check_budget()
         return p
+
+    def _ties(self) -> tuple[str, ...]:
+        """Per unit, its tie id under the space's `tie:` ("": free)."""
+        if self.space.tie is Tie.FUSED:        # q/k/v, gate/up
+            return tuple(u.group for u in self.units)
+        if self.space.tie is Tie.EXPERT:       # each MoE expert's matrices
+            from planner.moe.experts import expert_ties
+
+            return expert_ties(self.units)
+        return subblock_ties(self.loaded.model, self.units)
 
     def evaluator(self, problem: Problem) -> InProcessEvaluator:
         if self._evaluator is None or self._evaluator.problem is not problem:

@@ -20,7 +20,9 @@ planner/levels/sparse.py, `joint` in joint.py, `drop` in drop.py). Optional keys
 
     units: subblock                      # one unit per attention / MLP sub-block (drop levels only)
     tie: fused                           # q/k/v and gate/up take one level (Problem.ties);
-                                         # subblock: a whole attention / MLP sub-block does
+                                         # subblock: a whole attention / MLP sub-block does;
+                                         # expert: each MoE expert's matrices (gate/up/down) do,
+                                         # one unit per expert (a no-op on dense models)
     overrides:                           # other levels for some units; the first match wins
       - kinds: [down_proj]               # unit kinds and/or
         blocks: [0]                      # decoder-block indices
@@ -105,6 +107,7 @@ class Tie(str, enum.Enum):
     NONE = "none"
     FUSED = "fused"          # units of one fused group (q/k/v, gate/up) share one level id
     SUBBLOCK = "subblock"    # all linears of an attention / MLP sub-block share one level id (e.g. drop)
+    EXPERT = "expert"        # the matrices of one MoE expert share one level id (MC-MoE's bitwidth per expert)
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ def parse_space(data, default_name: str = "space", where: str = "search space") 
     _need(not unknown, where, f"unknown key(s) {sorted(unknown)}; allowed: {', '.join(_TOP_KEYS)}")
     units, tie = data.get("units", "linear"), data.get("tie", "none")
     _need(units in {g.value for g in Grouping}, where, "units must be linear (decoder-block linears) or subblock")
-    _need(tie in {t.value for t in Tie}, where, "tie must be none, fused or subblock")
+    _need(tie in {t.value for t in Tie}, where, "tie must be none, fused, subblock or expert")
     specs = _families(data.get("levels"), where)
     overrides = _overrides(data.get("overrides", []) or [], where)
     every = (*specs, *(s for o in overrides for s in o.levels))

@@ -115,6 +115,12 @@ def moe_blocks(model: nn.Module, units: list[Unit]) -> list[MoeBlock]:
     return out
 
 
+def expert_ties(units: list[Unit]) -> tuple[str, ...]:
+    """Per unit, its expert's tie id ("3.e5"; "" outside any expert), for `tie: expert`: an
+    expert's matrices then take one level, and `Problem.fused` makes each expert one unit."""
+    return tuple(f"{u.block}.e{u.expert}" if u.expert >= 0 else "" for u in units)
+
+
 def expert_slice(model: nn.Module, name: str) -> tuple[nn.Parameter, int] | None:
     """(3-D parameter, expert index) for a fused expert unit name; None for a unit that is a module."""
     if module_at(model, name) is not None:

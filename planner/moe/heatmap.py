@@ -15,11 +15,12 @@ _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 def expert_layout(problem, stats: dict | None) -> tuple[list[int], int, list[list[list[int]]]]:
     """(MoE layers, experts per layer, unit indices per [layer][expert]); from moe_stats.json when
     there is one, else from unit names (`<block>.experts.<j>.<matrix>`)."""
-    index = {u: i for i, u in enumerate(problem.units)}
+    members = problem.members or tuple((u,) for u in problem.units)    # tied problems: one unit per group
+    index = {n: i for i, names in enumerate(members) for n in names}
     found: dict[tuple[int, int], list[int]] = {}
     if stats:
         for e in stats["experts"]:
-            found[(e["block"], e["expert"])] = [index[u] for u in e["units"] if u in index]
+            found[(e["block"], e["expert"])] = sorted({index[u] for u in e["units"] if u in index})
     else:
         blocks = problem.blocks or (0,) * problem.n_units
         for i, u in enumerate(problem.units):

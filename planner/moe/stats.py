@@ -184,24 +184,27 @@ def cached_stats(model_fn, units: list[Unit], db, calib_ids: torch.Tensor, max_t
 
 def lp_data(stats: MoeStats, problem, gains: bool = True) -> dict:
     """The `moe-lp` config fields (JSON-able) for `problem`'s units, from `stats`: errors and damage
-    times their block's gain (`gains=False`: the layer-local errors as measured)."""
-    index = {u: i for i, u in enumerate(problem.units)}
-    experts = [e for e in stats.experts if all(u in index for u in e.units)]
+    times their block's gain (`gains=False`: the layer-local errors as measured). A problem whose
+    units are tie groups (`tie: expert`, `tie: fused`) gets each expert as its problem units and each
+    dense unit's damage summed over its members."""
+    members = problem.members or tuple((u,) for u in problem.units)
+    at = {n: i for i, names in enumerate(members) for n in names}      # model unit -> problem unit
+    experts = [e for e in stats.experts if all(u in at for u in e.units)]
     levels = [lv for lv in experts[0].error if all(lv in e.error for e in experts)] if experts else []
-    in_expert = {u for e in experts for u in e.units}
-    dense = [i for i, u in enumerate(problem.units) if u not in in_expert]
-    missing = [problem.units[i] for i in dense if problem.units[i] not in stats.dense]
+    in_expert = {at[u] for e in experts for u in e.units}
+    dense = [i for i in range(problem.n_units) if i not in in_expert]
+    missing = [n for i in dense for n in members[i] if n not in stats.dense]
     if missing:
         from planner.errors import PlannerError
 
         raise PlannerError(f"moe statistics lack unit {missing[0]!r}: recompute them for this model and space")
     blocks = problem.blocks or (0,) * problem.n_units
     g = {b: (stats.gain.get(b, 1.0) if gains else 1.0) for b in set(blocks)}
-    return {"experts": [[index[u] for u in e.units] for e in experts], "layers": [e.block for e in experts],
+    return {"experts": [sorted({at[u] for u in e.units}) for e in experts], "layers": [e.block for e in experts],
             "frequency": [e.frequency for e in experts], "weight": [e.weight for e in experts],
             "levels": levels, "error": [[g[e.block] * e.error[lv] for lv in levels] for e in experts],
-            "dense": dense, "damage": [[g[blocks[i]] * stats.dense[problem.units[i]][lv] for lv in problem.levels[i]]
-                                       for i in dense]}
+            "dense": dense, "damage": [[g[blocks[i]] * sum(stats.dense[n][lv] for n in members[i])
+                                        for lv in problem.levels[i]] for i in dense]}
 
 
 def expert_table(stats: MoeStats) -> dict:
