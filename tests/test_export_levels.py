@@ -303,11 +303,14 @@ def test_cli_refuses_levels_a_target_cannot_serve(run_dir, tmp_path, session_cac
     assert "raw" in out and "llama-cli -m" in out
 
 
-def test_cli_eval_real_takes_every_level_kind(tiny, run_dir, tiny_model_dir, tiny_text_file, session_cache_dir):
-    _, space = tiny
-    run = run_dir(MIXED, "mixed")
-    args = ["--model", tiny_model_dir, "--dataset", tiny_text_file, "--space", space, "--seqlen", TINY_SEQLEN,
+@pytest.fixture
+def cli_args(tiny, tiny_model_dir, tiny_text_file):
+    return ["--model", tiny_model_dir, "--dataset", tiny_text_file, "--space", tiny[1], "--seqlen", TINY_SEQLEN,
             "--calib-tokens", TINY_CALIB_TOKENS, "--eval-tokens", TINY_EVAL_TOKENS, "--threads", "1", "-q"]
+
+
+def test_cli_eval_real_takes_every_level_kind(run_dir, cli_args, session_cache_dir):
+    run, args = run_dir(MIXED, "mixed"), cli_args
     results = {}
     for flag in ([], ["--real"]):
         with cache_env(session_cache_dir):
@@ -315,3 +318,13 @@ def test_cli_eval_real_takes_every_level_kind(tiny, run_dir, tiny_model_dir, tin
         assert rc == 0, err
         results[bool(flag)] = json.loads(out.strip().splitlines()[-1])
     assert results[True]["real"] and results[True]["kl"] == pytest.approx(results[False]["kl"], rel=1e-3, abs=1e-5)
+
+
+def test_cli_search_real_over_format_and_gguf_levels(cli_args, tmp_path, session_cache_dir):
+    with cache_env(session_cache_dir):
+        rc, out, err = run_cli(["search", *cli_args, "--budget", "4.6bpw", "--method", "uniform", "--uniform-tokens",
+                                "128", "--real", "--runs-dir", tmp_path, "--name", "real"])
+    assert rc == 0, err
+    best = json.loads((tmp_path / "real" / "best_plan.json").read_text())
+    assert best["heldout_kl"] >= 0
+    assert any(level_spec(lv).builder in ("format", "gguf") for lv in best["plan"].values())
