@@ -10,8 +10,11 @@
 3. Ray's own cost per task: N sleeping actors (N up to 32 on 32 *logical* Ray CPUs) fed by the
    planner's dispatcher, tasks of a known length: the fraction of the ideal wall time achieved;
 4. the simulated scaling table (planner.distributed.simulate: the real task planner and dispatcher,
-   workers that sleep for a task's estimated cost) for EvoPress's paper schedule and the CPU
-   schedule, 1 to 32 workers.
+   workers that sleep for a task's estimated cost, references and anchor passes included) for
+   EvoPress's paper schedule, the CPU schedule and a wide workload, 1 to 32 workers; the last two
+   columns are granularities (planned, not slept): tasks on whole batches of 4 windows only (the
+   grid before windows were split; the choice for kernels whose numbers depend on the batch), and
+   references that cost nothing (as if shipped to every worker: what the references cost).
 
     python bench/ray_scaling.py [--space rtn-g128] [--generations 2] [--out reports/ray_scaling.txt]
 """
@@ -215,14 +218,14 @@ def ray_overhead(counts: list[int], unit_s: float, per_worker: int) -> list[str]
             t0 = time.perf_counter()
             actors = [ray.remote(SleepActor).options(num_cpus=1).remote(unit_s) for _ in range(n)]
             try:        # a first call also imports the task's module in each actor: part of the start
-                ray.get([a.run.remote("warm", None, Task(0, (0,), (0,), 0.0)) for a in actors])
+                ray.get([a.run.remote("warm", None, Task(0, (0,), 0, 1, 0.0)) for a in actors])
             except ray.exceptions.RayError as e:     # e.g. killed by Ray's memory monitor on this shared machine
                 out.append(f"{n:6d}  could not start {n} actors: {str(e).splitlines()[0][:120]}")
                 for a in actors:
                     ray.kill(a)
                 break
             started = time.perf_counter() - t0
-            tasks = [Task(0, (0,), (0,), 1.0) for _ in range(n * per_worker)]
+            tasks = [Task(0, (0,), 0, 1, 1.0) for _ in range(n * per_worker)]
             d = Dispatcher(n)
             try:
                 d.run(RayBackend(ray, actors, "sleep", None), tasks, range(len(tasks)))
@@ -240,17 +243,22 @@ def ray_overhead(counts: list[int], unit_s: float, per_worker: int) -> list[str]
     return out
 
 
+WIDE = "wide: 128 plans x 32 windows"
+
+
 def simulated(unit_s: float) -> list[str]:
     out = []
-    scale = {"cpu": 4.0, "wide: 128 plans x 8 batches": 0.1}
-    for name, stages in (*SCHEDULES.items(), ("wide: 128 plans x 8 batches", [Stage(128, 8)])):
+    scale = {"cpu": 4.0, WIDE: 0.1}
+    for name, stages in (*SCHEDULES.items(), (WIDE, [Stage(128, 32)])):
         out.append(f"{name}: {stages}")
         out.append(f"  {'workers':>7s} {'tasks':>6s} {'granularity':>11s} {'dispatch':>8s} {'overall':>7s} "
-                   f"{'speed-up':>8s}")
+                   f"{'speed-up':>8s} {'whole batches':>13s} {'free refs':>9s}")
         for w in (1, 2, 4, 8, 16, 32):
             r = simulate(stages, w, unit_s=unit_s * scale.get(name, 1.0))
+            whole = simulate(stages, w, atom=4, sleep=False)
+            free = simulate(stages, w, reference=0.0, sleep=False)
             out.append(f"  {w:7d} {r.tasks:6d} {r.granularity:11.3f} {r.dispatch:8.3f} {r.overall:7.3f} "
-                       f"{r.overall * w:8.2f}")
+                       f"{r.overall * w:8.2f} {whole.granularity:13.3f} {free.granularity:9.3f}")
     return out
 
 
@@ -260,7 +268,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=1)
     ap.add_argument("--actors", default="2,8,16,32", help="sleeping-actor counts for Ray's overhead (32 idle "
                     "actors take ~3 GB: a count that runs out of memory ends the section)")
-    ap.add_argument("--unit-s", type=float, default=0.05, help="simulated seconds per forward of one batch")
+    ap.add_argument("--unit-s", type=float, default=0.02, help="simulated seconds per full forward of one window")
     ap.add_argument("--sections", default="4,3,2,1", help="which sections, in this order (model-free first: "
                     "they need the memory the model would take)")
     ap.add_argument("--out", default="reports/ray_scaling.txt")
@@ -291,8 +299,9 @@ def main() -> None:
                  "dequantized levels", lambda: throughput(*session_problem(), args.generations)),
                 (f"3. Ray's own overhead: sleeping actors on {max(map(int, args.actors.split(',')))} logical CPUs, "
                  "8 tasks of 0.2 s per actor", lambda: ray_overhead([int(n) for n in args.actors.split(",")], 0.2, 8)),
-                (f"4. simulated scaling (real planner + dispatcher, sleeping threads, {args.unit_s} s per batch "
-                 "forward; cpu schedule 4x, wide 0.1x that)", lambda: simulated(args.unit_s))]
+                (f"4. simulated scaling (real planner + dispatcher, sleeping threads, {args.unit_s} s per window "
+                 "forward; cpu schedule 4x, wide 0.1x that; every task pays the reference and anchor passes "
+                 "of its windows)", lambda: simulated(args.unit_s))]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = _sections(out.read_text()) if out.is_file() else {}   # sections not rerun stay as they were

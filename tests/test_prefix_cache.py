@@ -26,6 +26,26 @@ def test_cached_equals_uncached_bit_exact(tiny_sessions, one_thread):
     assert ev.blocks_run - before <= (len(xs) + 1) * ev.n_blocks * batches
 
 
+
+def test_anchor_runs_only_as_deep_as_the_plans_need(tiny_sessions, one_thread):
+    """Plans that all leave the anchor in block 0 need only block 0's input: the anchor's pass stops
+    there (a worker's chunk of early-diverging offspring pays a short pass), bit-exact still."""
+    session = tiny_sessions("fp32")
+    problem = session.problem(parse_budget("3.0bits"))
+    ev = session.evaluator(problem)
+    first_block = [u for u in range(problem.n_units) if problem.blocks[u] == 0][:3]
+    xs = []
+    for u in first_block:
+        x = [1] * problem.n_units
+        x[u] = 2
+        xs.append(tuple(x))
+    windows = session.windows.draw(256, 3)
+    full = [ev.score(problem.decode(x), windows) for x in xs]
+    before = ev.blocks_run
+    assert ev.score_many(xs, windows) == full
+    batches = len(ev._batches(np.asarray(windows)))
+    assert ev.blocks_run - before == (1 + len(xs) * ev.n_blocks) * batches
+
 def test_evaluate_groups_by_fidelity(tiny_sessions, one_thread):
     from planner.search.base import Candidate, Fidelity
 

@@ -1,6 +1,7 @@
 """The Ray executor on a local Ray with 2 CPU workers, tiny model, fp32: the same results as the
-in-process evaluator (bit for bit), the same final plan when a worker is killed by its pid in the
-middle of a search, and `planner search --workers 2` end to end (workers.jsonl)."""
+in-process evaluator (bit for bit, tasks cut by candidates and by windows, inside a batch too),
+the same final plan when a worker is killed by its pid in the middle of a search, and
+`planner search --workers 2` end to end (workers.jsonl)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.slow      # a Ray start and worker processes: tens of s
 
 from planner.distributed import Cluster, ClusterSpec  # noqa: E402
 from planner.distributed.cluster import free_port  # noqa: E402
+from planner.distributed.tasks import split  # noqa: E402
 
 EVO = {"generations": 2, "offspring": 3, "stages": [[2, 64], [1, 128]]}
 SEARCH = ["--budget", "3.0bits", "--generations", "2", "--offspring", "3", "--stages", "2@64,1@128",
@@ -59,11 +61,13 @@ def test_same_results_as_in_process(sessions, one_thread):
     rng = np.random.default_rng(0)
     parent = np.full(problem.n_units, 1)
     xs = [tuple(int(v) for v in level_switch(parent, problem, rng, 1)) for _ in range(6)] + [tuple(parent.tolist())]
-    # 64 tokens: one batch, candidates split; 1024 tokens: 4 batches, windows split; a lone plan
+    # 64 tokens: one window, candidates split; 1024 tokens: 16 windows, split; a lone plan; two plans
+    # on 6 windows: cut inside the evaluator's first batch of 4
     cands = [Candidate(x, Fidelity(t, s)) for t, s in ((128, 1), (1024, 2), (64, 3)) for x in xs]
-    cands.append(Candidate(xs[2], Fidelity(256, 4)))
+    cands += [Candidate(xs[2], Fidelity(256, 4))] + [Candidate(x, Fidelity(384, 5)) for x in xs[:2]]
     want = local.evaluator(problem).evaluate(cands)
     ev = remote.evaluator(problem)
+    assert [(t.start, t.stop) for t in split(0, np.array(xs[:2]), 6, 2, ev.cost)] == [(0, 3), (3, 6)]
     got = ev.evaluate(cands)
     assert [r.candidate for r in got] == cands
     assert [(r.kl, r.ppl, r.error) for r in got] == [(r.kl, r.ppl, r.error) for r in want]

@@ -1,8 +1,10 @@
-"""The scheduling layer without Ray: task grids cover every (candidate, batch) once, per-batch sums
-fold exactly as the in-process evaluator sums, the dispatcher retries a dead worker's task, retires
-a worker that keeps dying and gives up a task that kills every worker; a worker (run in-process)
-with a weight cache far smaller than the levels gives the in-process numbers; and, with simulated
-(sleeping) workers, the dispatcher loses < 10% of the planned makespan up to 32 workers."""
+"""The scheduling layer without Ray: task grids cover every (candidate, window) once, cut windows
+below a batch when a group has few candidates and candidates (by first differing block) when it has
+few windows; per-window sums fold exactly as the in-process evaluator adds them; the dispatcher
+retries a dead worker's task, retires a worker that keeps dying and gives up a task that kills every
+worker; a worker (run in-process) with a weight cache far smaller than the levels, on batches cut
+anywhere, gives the in-process numbers; and, with simulated (sleeping) workers, EvoPress's paper
+schedule keeps >= 90% of linear speed-up up to 16 workers (what 32 allow: docs/scale.md)."""
 
 from __future__ import annotations
 
@@ -18,39 +20,47 @@ from planner.distributed.tasks import CostModel, fold, lpt_order, split
 COST = CostModel(np.repeat(np.arange(8), 7), 8, 2.0)
 
 
-@pytest.mark.parametrize("K,B,W", [(1, 1, 1), (7, 1, 2), (7, 3, 2), (3, 9, 4), (17, 2, 8), (5, 16, 32), (40, 1, 32)])
-def test_split_covers_the_grid_once(K, B, W):
+@pytest.mark.parametrize("K,N,W", [(1, 1, 1), (7, 1, 2), (7, 3, 2), (3, 9, 4), (17, 8, 8), (5, 64, 32), (40, 1, 32),
+                                   (128, 1, 32), (16, 8, 32)])
+def test_split_covers_the_grid_once(K, N, W):
     X = offspring(np.random.default_rng(K), 56, K)
-    tasks = split(0, X, B, W, COST)
-    cells = [(i, b) for t in tasks for i in t.members for b in t.batches]
-    assert sorted(cells) == sorted(itertools.product(range(K), range(B)))
-    assert all(list(t.batches) == list(range(t.batches[0], t.batches[-1] + 1)) for t in tasks)   # consecutive
+    tasks = split(0, X, N, W, COST)
+    cells = [(i, w) for t in tasks for i in t.members for w in t.windows]
+    assert sorted(cells) == sorted(itertools.product(range(K), range(N)))
     assert all(t.cost > 0 for t in tasks)
     if W == 1:
-        assert len(tasks) == 1 or K <= 2        # one worker: the in-process grouping (tiny groups may split)
+        assert len(tasks) == 1                  # one worker: the in-process grouping
     assert sorted(lpt_order(tasks)) == list(range(len(tasks)))
 
 
-def test_split_prefers_window_batches_and_a_lone_plan():
+def test_split_cuts_windows_below_a_batch_and_candidates_by_first_block():
     X = offspring(np.random.default_rng(0), 56, 6)
-    tasks = split(0, X, 8, 2, COST)            # enough batches: candidates stay together (one prefix per batch)
+    tasks = split(0, X, 32, 2, COST)            # enough windows: candidates stay together (one anchor)
     assert len(tasks) == 2 and all(len(t.members) == 6 for t in tasks)
-    tasks = split(0, None, 5, 2, COST)         # a single plan (held-out): batches only
-    assert sorted(b for t in tasks for b in t.batches) == list(range(5))
+    tasks = split(0, X, 16, 16, COST)           # 16 windows (4 batches) on 16 workers: one window a task
+    assert len(tasks) == 16 and all(len(t.members) == 6 and t.stop - t.start == 1 for t in tasks)
+    tasks = split(0, X, 16, 16, COST, atom=4)   # whole batches only
+    assert all(t.start % 4 == 0 and (t.stop % 4 == 0 or t.stop == 16) for t in tasks)
+    tasks = split(0, None, 5, 2, COST)          # a single plan (held-out): windows only
+    assert sorted(w for t in tasks for w in t.windows) == list(range(5))
+    X = offspring(np.random.default_rng(1), 56, 64)
+    first = COST.firsts(X)
+    tasks = split(0, X, 1, 8, COST)             # one window: chunks of candidates, each a run of first blocks
+    assert len(tasks) == 8
+    spans = sorted((first[list(t.members)].min(), first[list(t.members)].max()) for t in tasks)
+    assert all(hi <= lo for (_, hi), (lo, _) in itertools.pairwise(spans))
 
 
 def test_fold_is_the_in_process_summation():
     rng = np.random.default_rng(1)
     per_window = rng.random((10, 2)) * 10.0 ** rng.integers(-3, 3, size=(10, 2))
     kl = nll = 0.0                             # InProcessEvaluator.score_many: batches of 4 windows
-    sums = []
     for s in range(0, 10, 4):
         k = n = 0.0
         for w in per_window[s:s + 4]:
             k, n = k + float(w[0]), n + float(w[1])
-        sums.append((k, n))
         kl, nll = kl + k, nll + n
-    got = fold(np.array(sums), 10, 64)
+    got = fold(per_window, 64, 4)
     assert got.kl == kl / (10 * 64) and got.nll == nll / (10 * 63) and got.tokens == 640
 
 
@@ -104,44 +114,57 @@ def test_no_live_worker_left_is_an_error():
 
 
 def test_evo_schedules():
-    assert SCHEDULES["paper"] == [Stage(128, 1), Stage(16, 2), Stage(5, 16)]
-    assert SCHEDULES["cpu"] == [Stage(16, 1), Stage(5, 1)]
+    assert SCHEDULES["paper"] == [Stage(128, 1), Stage(16, 8), Stage(5, 64)]
+    assert SCHEDULES["cpu"] == [Stage(16, 1), Stage(5, 4)]
 
 
 @pytest.mark.parametrize("workers", [2, 4, 8, 16, 32])
-def test_simulated_dispatch_keeps_90_percent_up_to_32_workers(workers):
-    """EvoPress's paper schedule on sleeping workers: the dispatcher's wall time stays within 10% of
-    the planned (LPT) makespan. The grid itself caps the speedup (see simulate.py and docs/scale.md)."""
-    r = simulate(SCHEDULES["paper"], workers, unit_s=0.04)
+def test_simulated_paper_schedule_keeps_90_percent_up_to_16_workers(workers):
+    """EvoPress's paper schedule on sleeping workers, every task charged the reference and anchor
+    passes of its windows: >= 90% of linear speed-up over one in-process worker up to 16 workers.
+    At 32 every worker must compute a reference for its window (32 instead of 1 in the first stage,
+    8 in the second): ~0.85 is what the grid allows (docs/scale.md)."""
+    r = simulate(SCHEDULES["paper"], workers, unit_s=0.0025 * workers)     # ~1.6 s of wall each
     assert r.dispatch >= 0.9, r
-    assert r.overall >= {2: 0.9, 4: 0.9, 8: 0.85, 16: 0.75, 32: 0.7}[workers], r
+    assert r.overall >= {2: 0.95, 4: 0.95, 8: 0.93, 16: 0.9, 32: 0.8}[workers], r
 
 
-def test_simulated_wide_workload_scales_to_32_workers():
-    """Enough cells per worker (128 plans on 8 batches: a population, or uniform baselines): >= 90%
-    of linear speedup over one in-process worker at 32 workers."""
-    r = simulate([Stage(128, 8)], 32, unit_s=0.02)
+@pytest.mark.parametrize("workers", [16, 32])
+def test_simulated_wide_workload_scales_to_32_workers(workers):
+    """Enough cells per worker (128 plans on 32 windows: a population, or uniform baselines): >= 90%
+    of linear speedup over one in-process worker at 16 and 32 workers."""
+    r = simulate([Stage(128, 32)], workers, unit_s=0.005)
     assert r.overall >= 0.9 and r.dispatch >= 0.9, r
 
 
-def test_worker_with_a_small_weight_cache_gives_the_in_process_sums(tiny_sessions, one_thread):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_worker_on_windows_cut_anywhere_gives_the_in_process_sums(tiny_sessions, one_thread, dtype):
+    """Tasks on window runs that start and end inside the evaluator's batches (one window, three),
+    on a worker whose weight cache is far smaller than the levels: folded, the in-process Scores."""
     from planner.budget import parse_budget
+    from planner.distributed.ray_executor import RayExecutor
+    from planner.distributed.tasks import Task
     from planner.distributed.worker import EvalWorker, Work, WorkerSpec
     from planner.search.operators import level_switch
 
-    session = tiny_sessions("fp32")
+    session = tiny_sessions(dtype)
     problem = session.problem(parse_budget("3.0bits"))
     worker = EvalWorker(WorkerSpec(model=str(session.loaded.source), db_path=str(session.db.path),
-                                   windows=session.windows, dtype="fp32", cache_bytes=2e5))
+                                   windows=session.windows, dtype=dtype, cache_bytes=2e5))
     rng = np.random.default_rng(3)
     parent = np.full(problem.n_units, 1)
     xs = tuple(tuple(int(v) for v in level_switch(parent, problem, rng, 2)) for _ in range(5))
-    windows = session.windows.draw(512, 5)
-    batches = tuple(windows[s:s + 4] for s in range(0, len(windows), 4))
-    done = worker.run("k", problem, Work(xs, batches))
+    windows = session.windows.draw(512, 5)                  # 8 windows: in-process batches 0-3, 4-7
+    sums = np.full((len(windows), len(xs), 2), np.nan)
+    for start, stop in ((0, 3), (3, 6), (6, 7), (7, 8)):
+        batches = RayExecutor._batches(windows, Task(0, (), start, stop, 1.0))
+        assert all(len(b) <= 4 and (b[0] in windows[:4]) == (b[-1] in windows[:4]) for b in batches)
+        done = worker.run("k", problem, Work(xs, batches))
+        assert not done.output.errors
+        sums[start:stop] = done.output.sums
     want = session.evaluator(problem).score_many(list(xs), windows)
-    got = [fold(done.output.sums[:, i], len(windows), session.windows.seqlen) for i in range(len(xs))]
-    assert got == want and not done.output.errors
+    got = [fold(sums[:, i], session.windows.seqlen, 4) for i in range(len(xs))]
+    assert got == want
     assert worker.db.nbytes <= 2e5 + 128 * 64 * 4 and worker.db.misses > problem.n_units   # it evicted
 
 

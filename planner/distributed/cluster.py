@@ -37,6 +37,9 @@ class ClusterSpec:
     max_restarts: int = 2          # per actor, after a crash
     max_attempts: int = 3          # per task, across worker deaths
     cache_bytes: float | None = None   # dequantized levels a worker keeps (LRU); None: all (CPU), half the GPU
+    # tasks on whole window batches only: for kernels whose numbers depend on the batch a window is
+    # in (results stay bit-identical to in-process there); costs efficiency at 16+ workers
+    whole_batches: bool = False
     start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:

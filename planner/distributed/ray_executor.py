@@ -2,10 +2,10 @@
 `score(plan, windows)`, `on_scored`) on a pool of actors.
 
 Candidates are grouped by fidelity, as in-process; each group is cut into tasks (tasks.split:
-window batches first, which keeps the prefix cache whole, then candidate chunks when there are
-fewer batches than workers); the dispatcher hands tasks to idle actors longest first and takes
-them back in completion order; results come back in candidate order, bit-identical to the
-in-process evaluator's (per-batch sums folded in batch order).
+chunks of candidates on runs of windows, down to one window, whichever grid the cost model says
+finishes first); the dispatcher hands tasks to idle actors longest first and takes them back in
+completion order; results come back in candidate order, bit-identical to the in-process
+evaluator's (per-window sums added up in its order).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def cost_model(session, problem) -> CostModel:
     n_blocks = int(cfg.num_hidden_layers)
     per_block = problem.total_numel / max(n_blocks, 1)
     return CostModel(np.asarray(problem.blocks or [0] * problem.n_units), n_blocks,
-                     cfg.vocab_size * cfg.hidden_size / per_block)
+                     cfg.vocab_size * cfg.hidden_size / per_block, batch_windows=BATCH_WINDOWS)
 
 
 class RayExecutor:
@@ -71,6 +71,7 @@ class RayExecutor:
                                           cache_bytes=cluster.spec.cache_bytes))
         self.problem, self.windows, self.cluster = problem, session.windows, cluster
         self.cost = cost_model(session, problem)
+        self.atom = BATCH_WINDOWS if cluster.spec.whole_batches else 1    # windows a task's runs are cut at
         self.backend = RayBackend(ray, actors, uuid.uuid4().hex, ray.put(problem))
         self.on_scored = None      # called once per finished candidate (progress bars)
         self.evaluations = 0
@@ -82,8 +83,11 @@ class RayExecutor:
     def summary(self) -> str:
         return self.dispatcher.summary()
 
-    def _batches(self, windows: np.ndarray) -> list[np.ndarray]:
-        return [windows[s:s + BATCH_WINDOWS] for s in range(0, len(windows), BATCH_WINDOWS)]
+    @staticmethod
+    def _batches(windows: np.ndarray, t: Task) -> tuple[np.ndarray, ...]:
+        """A task's windows as forward batches, cut where the in-process evaluator's batches end."""
+        edges = sorted({t.start, t.stop, *range((t.start // BATCH_WINDOWS + 1) * BATCH_WINDOWS, t.stop, BATCH_WINDOWS)})
+        return tuple(windows[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True))
 
     def _scored(self) -> None:
         self.evaluations += 1
@@ -97,12 +101,11 @@ class RayExecutor:
             groups.setdefault((c.fidelity.tokens, c.fidelity.seed), []).append(i)
         members = list(groups.values())
         windows = [self.windows.draw(t, s) for t, s in groups]
-        batches = [self._batches(w) for w in windows]
         X = [np.array([candidates[i].x for i in m]) for m in members]
         n = len(self.dispatcher.live) or 1
-        tasks = [t for g in range(len(members)) for t in split(g, X[g], len(batches[g]), n, self.cost)]
-        work = [Work(tuple(tuple(int(v) for v in X[t.group][i]) for i in t.members),
-                     tuple(batches[t.group][b] for b in t.batches)) for t in tasks]
+        tasks = [t for g in range(len(members)) for t in split(g, X[g], len(windows[g]), n, self.cost, self.atom)]
+        work = [Work(tuple(tuple(int(v) for v in X[t.group][i]) for i in t.members), self._batches(windows[t.group], t))
+                for t in tasks]
         left = Counter((t.group, i) for t in tasks for i in t.members)   # tasks a candidate still waits for
 
         def done(k: int, _out) -> None:
@@ -112,7 +115,7 @@ class RayExecutor:
                     self._scored()
 
         outputs = self.dispatcher.run(self.backend, work, lpt_order(tasks), done)
-        sums = [np.full((len(b), len(m), 2), np.nan) for b, m in zip(batches, members, strict=True)]
+        sums = [np.full((len(w), len(m), 2), np.nan) for w, m in zip(windows, members, strict=True)]
         errors: dict[tuple[int, int], str] = {}
         for k, t in enumerate(tasks):
             _collect(t, outputs[k], sums[t.group], errors)
@@ -122,33 +125,32 @@ class RayExecutor:
                 if (g, j) in errors:
                     results[i] = Result(candidates[i], error=errors[(g, j)])
                 else:
-                    s = fold(sums[g][:, j], len(windows[g]), self.windows.seqlen)
+                    s = fold(sums[g][:, j], self.windows.seqlen, BATCH_WINDOWS)
                     results[i] = Result(candidates[i], kl=s.kl, ppl=s.ppl)
         return [results[i] for i in range(len(candidates))]
 
     def score(self, plan: Plan | None, window_idx: np.ndarray) -> Scores:
         """One plan (None: the base model) on explicit windows (held-out), split across workers."""
         window_idx = np.asarray(window_idx)
-        batches = self._batches(window_idx)
-        tasks = split(0, None, len(batches), len(self.dispatcher.live) or 1, self.cost)
-        work = [Work(None, tuple(batches[b] for b in t.batches), plan) for t in tasks]
+        tasks = split(0, None, len(window_idx), len(self.dispatcher.live) or 1, self.cost, self.atom)
+        work = [Work(None, self._batches(window_idx, t), plan) for t in tasks]
         outputs = self.dispatcher.run(self.backend, work, lpt_order(tasks))
-        sums = np.full((len(batches), 1, 2), np.nan)
+        sums = np.full((len(window_idx), 1, 2), np.nan)
         errors: dict[tuple[int, int], str] = {}
         for k, t in enumerate(tasks):
             _collect(t, outputs[k], sums, errors)
         if errors:
             raise PlannerError(f"scoring a plan failed: {next(iter(errors.values()))}")
         self._scored()
-        return fold(sums[:, 0], len(window_idx), self.windows.seqlen)
+        return fold(sums[:, 0], self.windows.seqlen, BATCH_WINDOWS)
 
 
 def _collect(t: Task, out: Output | WorkerLost, sums: np.ndarray, errors: dict[tuple[int, int], str]) -> None:
-    """Place one task's per-batch sums (or its failure) into its group's [batch, plan, 2] array."""
+    """Place one task's per-window sums (or its failure) into its group's [window, plan, 2] array."""
     if isinstance(out, WorkerLost):
         for i in t.members:
             errors.setdefault((t.group, i), f"WorkerLost: a worker died on each of its attempts ({out})")
         return
-    sums[np.ix_(list(t.batches), list(t.members))] = out.sums
+    sums[np.ix_(list(t.windows), list(t.members))] = out.sums
     for j, msg in out.errors.items():
         errors.setdefault((t.group, t.members[j]), msg)

@@ -1,25 +1,34 @@
 """How one `evaluate()` call becomes tasks for a pool of workers, and how their sums become Scores.
 
-Candidates that share a fidelity share their token windows, which the evaluator scores in batches
-of `batch_windows` windows. A fidelity group is therefore a grid, candidates x window batches, and
-a task is one rectangle of it: a chunk of candidates on a run of consecutive batches.
+Candidates that share a fidelity share their token windows, which the in-process evaluator scores
+in batches of `batch_windows` windows. A fidelity group is therefore a grid, candidates x windows,
+and a task is one rectangle of it: a chunk of candidates on a run of consecutive windows.
 
-- Splitting the *batches* costs nothing: the evaluator's prefix cache computes the anchor's
-  block inputs once per batch anyway, and the base model's reference distribution is needed
-  once per window either way. Workers return per-batch *sums* (not means) and the driver folds
-  them in batch order, exactly as the in-process evaluator does, so the KL is bit-identical.
-- Splitting the *candidates* costs one extra anchor pass per batch per extra chunk (each chunk
-  caches its own prefix). It is still worth it when a group has fewer batches than workers
-  (EvoPress's first stage: 128 offspring on one window).
+What a task costs (CostModel, in full forwards of one window), per window of its run:
+- the base model's reference distribution (one full forward), by every task on that window: a
+  worker keeps the references it made, but a task cannot count on landing where one was made;
+- the anchor's pass (the chunk's per-unit majority plan, whose block inputs the prefix cache
+  keeps) when two or more plans share it, then every plan's suffix from its first differing block;
+and per forward *call* (one per batch the run touches, for the reference, the anchor and each plan)
+a fixed cost, plus a fixed cost per task (a round trip, a result, swapping weights in).
 
-`split()` picks the grid from a small cost model (in full forward passes of one batch, from the
-candidates' first differing blocks, as the evaluator computes them) that minimizes the estimated
-makespan on `workers` workers, preferring fewer tasks on ties. numpy only: no torch, no Ray.
+So splitting the *windows* of a chunk is nearly free: the reference and anchor are per window
+either way; a piece smaller than a batch costs only its smaller forward calls. Splitting the
+*candidates* costs a reference and an anchor pass per extra chunk per window. Both are needed for
+enough, even tasks: EvoPress's first stage is 128 plans on one window (candidates only), its last
+5 plans on 64 windows (windows only). `split()` tries every grid up to a few tasks per worker and
+keeps the one with the shortest longest-first makespan, preferring fewer tasks on ties.
+
+Workers return per-window *sums* (not means); the driver folds them exactly as the in-process
+evaluator adds them (windows within a batch, then batches), so the KL is bit-identical as long as
+a window's numbers do not depend on which windows share its forward (true of the CPU kernels,
+tested; `atom=batch_windows` keeps every task on whole batches where that does not hold).
+numpy only: no torch, no Ray.
 """
 
 from __future__ import annotations
 
-import math
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,76 +36,137 @@ import numpy as np
 
 @dataclass(frozen=True)
 class CostModel:
-    """Forward-pass costs of scoring plans on one batch, relative to one full forward."""
+    """Costs of scoring plans, in full forwards of one window."""
 
     blocks: np.ndarray        # [U] decoder block of every unit
     n_blocks: int
     head_blocks: float = 0.0  # lm_head + log-softmax, in units of one decoder block
+    batch_windows: int = 4    # the in-process evaluator's batch
+    reference: float = 1.0    # the base model's distribution on a window: 0 where references are cached
+    call: float = 0.02        # one forward call (launches, Python) on top of its FLOPs
+    task: float = 0.02        # one task (round trip, result, weight swaps)
 
     @property
     def full(self) -> float:
         return self.n_blocks + self.head_blocks
 
-    def suffixes(self, X: np.ndarray) -> np.ndarray:
-        """Per plan, the cost of its suffix from the first block where it leaves the group's anchor
-        (the per-unit majority level, as the evaluator picks it)."""
-        anchor = np.array([np.bincount(col).argmax() for col in X.T])
-        diff = X != anchor
-        first = np.where(diff.any(1), np.where(diff, self.blocks[None, :], self.n_blocks).min(1), self.n_blocks)
-        # a plan equal to the anchor still re-runs the last block (the evaluator needs its output)
+    def firsts(self, X: np.ndarray) -> np.ndarray:
+        """Per plan, the first block where it leaves the anchor of X (the per-unit majority level,
+        ties to the lowest, as the evaluator picks it); n_blocks for the anchor itself."""
+        counts = (X[:, :, None] == np.arange(X.max() + 1)).sum(0)
+        diff = X != counts.argmax(1)
+        return np.where(diff, self.blocks[None, :], self.n_blocks).min(1)
+
+    def suffixes(self, first: np.ndarray) -> np.ndarray:
+        """Blocks a plan re-runs from the anchor's cached input (the anchor itself re-runs the last
+        block: the evaluator needs its output), plus the head."""
         return (self.n_blocks - np.minimum(first, self.n_blocks - 1) + self.head_blocks) / self.full
 
-    def chunk(self, suffix: np.ndarray) -> float:
-        """One chunk of plans on one batch: the anchor's pass (only when two or more share it)
-        plus their suffixes; a lone plan is one full forward."""
-        if len(suffix) < 2:
-            return float(len(suffix))
-        return self.n_blocks / self.full + float(suffix.sum())
+    def anchor(self, first: np.ndarray) -> float:
+        """The anchor's pass, up to the deepest block input a plan starts from (the evaluator's)."""
+        return (int(np.minimum(first, self.n_blocks - 1).max()) + 1) / self.full
+
+    def plans(self, X: np.ndarray) -> float:
+        """Scoring the plans X together on one window, the reference aside: a lone plan is one full
+        forward, two or more share the anchor's pass."""
+        if len(X) < 2:
+            return float(len(X))
+        first = self.firsts(X)
+        return self.anchor(first) + float(self.suffixes(first).sum())
+
+    def batches(self, start: int, stop: int) -> int:
+        """In-process batches that windows start..stop-1 touch: a worker's forward calls per plan."""
+        return (stop - 1) // self.batch_windows - start // self.batch_windows + 1
+
+    def run(self, per_window: float, n_plans: int, start: int, stop: int) -> float:
+        """Plans costing `per_window` (`plans()`) on windows start..stop-1, without a task's fixed cost."""
+        calls = self.batches(start, stop) * (1 + n_plans + (n_plans >= 2))
+        return (stop - start) * (self.reference + per_window) + calls * self.call
+
+    def inprocess(self, X: np.ndarray, n_windows: int) -> float:
+        """The in-process evaluator's cost of a whole group (one worker, no task overhead)."""
+        return self.run(self.plans(X), len(X), 0, n_windows)
 
 
 @dataclass(frozen=True)
 class Task:
     group: int
     members: tuple[int, ...]   # positions in the group's candidate list
-    batches: tuple[int, ...]   # consecutive window-batch indices of the group
-    cost: float                # estimated, in full forwards of one batch
+    start: int                 # windows start..stop-1 of the group (positions in its window list)
+    stop: int
+    cost: float                # estimated, in full forwards of one window
+
+    @property
+    def windows(self) -> range:
+        return range(self.start, self.stop)
 
 
-def _balanced(suffix: np.ndarray, parts: int) -> list[list[int]]:
-    """Candidates dealt into `parts` chunks of about equal suffix cost (longest first, to the
-    lightest chunk): contiguous slices would leave one worker with all the long suffixes."""
-    bins: list[list[int]] = [[] for _ in range(parts)]
-    load = np.zeros(parts)
-    for i in np.argsort(-suffix, kind="stable"):
-        j = int(load.argmin())
-        bins[j].append(int(i))
-        load[j] += suffix[i]
-    return [sorted(b) for b in bins if b]
+def _chunks(first: np.ndarray, parts: int, cost: CostModel) -> list[list[int]]:
+    """Candidates cut into at most `parts` chunks of about equal cost, each a run of the candidates
+    sorted by first differing block: a chunk that leaves the anchor early then pays a short anchor
+    pass (the evaluator runs it only as deep as its plans need). Bisection on the largest chunk."""
+    order = [int(i) for i in np.argsort(first, kind="stable")]
+    suffix = (cost.suffixes(first) + cost.call).tolist()      # a plan's suffix and its forward call
+    anchor = [cost.anchor(first[i:i + 1]) for i in range(len(first))]   # a run's anchor: its last plan's
+
+    def cut(limit: float) -> list[list[int]]:
+        out: list[list[int]] = []
+        load = 0.0
+        for i in order:
+            if out and load + suffix[i] + anchor[i] <= limit:
+                out[-1].append(i)
+                load += suffix[i]
+                continue
+            out.append([i])
+            load = suffix[i]
+        return out
+
+    lo, hi = 0.0, anchor[order[-1]] + sum(suffix) + 1e-9
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if len(cut(mid)) <= parts else (mid, hi)
+    return [sorted(c) for c in cut(hi)]
 
 
-def _chunks(n: int, parts: int) -> list[range]:
-    edges = np.linspace(0, n, parts + 1).round().astype(int)
-    return [range(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+def _runs(n: int, parts: int, atom: int) -> list[tuple[int, int]]:
+    """`parts` runs of consecutive windows of about equal length, cut only at multiples of `atom`."""
+    atoms = -(-n // atom)
+    edges = np.linspace(0, atoms, min(parts, atoms) + 1).round().astype(int) * atom
+    return [(int(a), int(min(b, n))) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-def split(group: int, X: np.ndarray | None, n_batches: int, workers: int, cost: CostModel) -> list[Task]:
-    """Tasks for one fidelity group: X [K, U] level vectors (None: a single plan), `n_batches`
-    window batches, scored on `workers` workers."""
-    suffix = cost.suffixes(X) if X is not None and len(X) > 1 else np.ones(1 if X is None else len(X))
-    K = len(suffix)
-    best: tuple[float, int, list[list[int]], list[float], list[range]] | None = None
-    for c in sorted({*range(1, min(K, workers) + 1), K}):
-        members = _balanced(suffix, c)
-        per_batch = [cost.chunk(suffix[m]) for m in members]
-        for b in range(1, min(n_batches, 2 * workers) + 1):
-            runs = _chunks(n_batches, b)
-            n_tasks = len(members) * len(runs)
-            span = max(math.ceil(n_tasks / workers) * max(per_batch) * max(len(r) for r in runs),
-                       sum(per_batch) * n_batches / workers)
-            if best is None or (round(span, 9), n_tasks) < best[:2]:
-                best = (round(span, 9), n_tasks, members, per_batch, runs)
-    _, _, members, per_batch, runs = best
-    return [Task(group, tuple(m), tuple(r), pb * len(r)) for m, pb in zip(members, per_batch, strict=True) for r in runs]
+def lpt_makespan(costs: list[float], workers: int) -> float:
+    """Makespan of longest-first list scheduling on `workers` identical workers."""
+    free = [0.0] * workers
+    for c in sorted(costs, reverse=True):
+        heapq.heapreplace(free, free[0] + c)
+    return max(free)
+
+
+def split(group: int, X: np.ndarray | None, n_windows: int, workers: int, cost: CostModel,
+          atom: int = 1, per_worker: int = 4) -> list[Task]:
+    """Tasks for one fidelity group: X [K, U] level vectors (None: a single plan) on `n_windows`
+    windows, scored on `workers` workers; window runs are cut at multiples of `atom` windows, and
+    grids of more than `per_worker` tasks a worker are not tried (their overheads only add)."""
+    X = np.zeros((1, len(cost.blocks)), dtype=int) if X is None else np.asarray(X)
+    first = cost.firsts(X)
+    best: tuple[float, int, list[Task]] | None = None
+    chunkings = {tuple(map(tuple, _chunks(first, c, cost))) for c in range(1, min(len(X), workers) + 1)}
+    for members in sorted(chunkings, key=lambda m: (len(m), m)):
+        per_window = [cost.plans(X[list(m)]) for m in members]
+        for p in range(1, max(1, per_worker * workers // len(members)) + 1):
+            runs = _runs(n_windows, p, atom)
+            if len(runs) < p:           # no more windows to cut
+                break
+            tasks = [Task(group, m, a, b, cost.run(pw, len(m), a, b) + cost.task)
+                     for m, pw in zip(members, per_window, strict=True) for a, b in runs]
+            costs = [t.cost for t in tasks]
+            if best is not None and max(max(costs), sum(costs) / workers) > best[0]:
+                continue                # its lower bound is already worse
+            key = (round(lpt_makespan(costs, workers), 9), len(tasks))
+            if best is None or key < best[:2]:
+                best = (*key, tasks)
+    return best[2]
 
 
 def lpt_order(tasks: list[Task]) -> list[int]:
@@ -104,12 +174,18 @@ def lpt_order(tasks: list[Task]) -> list[int]:
     return sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)
 
 
-def fold(batch_sums: np.ndarray, n_windows: int, seqlen: int):
-    """Per-batch (kl, nll) sums of one plan -> Scores, summed in batch order from 0.0 and divided
-    exactly as the in-process evaluator does (its `_scores`), so the results are bit-identical."""
+def fold(window_sums: np.ndarray, seqlen: int, batch_windows: int):
+    """Per-window (kl, nll) sums of one plan -> Scores, added exactly as the in-process evaluator adds
+    them (from 0.0, the windows of each batch in order, then the batches in order) and divided as its
+    `_scores` does, so the results are bit-identical."""
     from planner.evaluate.kl import Scores  # imports torch: not for the scheduling side
 
     kl = nll = 0.0
-    for k, n in batch_sums:
-        kl, nll = kl + float(k), nll + float(n)
+    for s in range(0, len(window_sums), batch_windows):
+        k = n = 0.0
+        for wk, wn in window_sums[s:s + batch_windows]:
+            k, n = k + float(wk), n + float(wn)
+        kl, nll = kl + k, nll + n
+    n_windows = len(window_sums)
     return Scores(kl=kl / (n_windows * seqlen), nll=nll / (n_windows * (seqlen - 1)), tokens=n_windows * seqlen)
+

@@ -3,9 +3,10 @@ built once, scoring the tasks the driver sends. Plain Python; ray_executor.py wr
 
 The model is loaded from the folder the driver loaded (the cached safetensors conversion for the
 default model; a shared filesystem on a multi-node cluster), the levels DB is opened from its
-path (a folder of per-unit safetensors files). A task is a chunk of candidates on a run of window
-batches; the worker scores one batch at a time and returns per-batch sums of KL and NLL, which the
-driver folds in batch order (tasks.fold), exactly as the in-process evaluator does.
+path (a folder of per-unit safetensors files). A task is a chunk of candidates on a run of windows,
+sent as forward batches that each lie inside one of the in-process evaluator's batches; the worker
+scores one batch at a time and returns every window's KL and NLL sums, which the driver adds up
+(tasks.fold) exactly as the in-process evaluator does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch
 from planner.data.windows import Windows
 from planner.distributed.dispatch import Done
 from planner.evaluate.evaluator import InProcessEvaluator
-from planner.evaluate.kl import Scores
 from planner.levels.db import LevelsDB
 from planner.model.load import load_model
 from planner.plan import Plan
@@ -45,8 +45,8 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class Work:
-    """One task: `xs` (level vectors) on `batches` (window indices, one array per batch); with
-    `xs` None, the single `plan` (None: the base model) instead."""
+    """One task: `xs` (level vectors) on `batches` (window indices, one array per forward batch, each
+    within one in-process batch); with `xs` None, the single `plan` (None: the base model) instead."""
 
     xs: tuple[tuple[int, ...], ...] | None
     batches: tuple[np.ndarray, ...]
@@ -55,16 +55,28 @@ class Work:
 
 @dataclass(frozen=True)
 class Output:
-    sums: np.ndarray            # [batches, plans, 2]: KL and NLL sums; nan where a plan failed
+    sums: np.ndarray            # [windows, plans, 2]: KL and NLL sums; nan where a plan failed
     errors: dict[int, str]      # plan position -> error text
 
 
-class _SumsEvaluator(InProcessEvaluator):
-    """The in-process evaluator, reporting sums over windows instead of means (Scores.kl/.nll hold
-    sums), so the driver can fold batches scored on different workers in the in-process order."""
+class _WindowSums(InProcessEvaluator):
+    """The in-process evaluator, keeping each window's KL and NLL sums (`scored`: one list per batch
+    a plan was scored on, in order), so the driver can add up windows scored on different workers
+    in the in-process order."""
 
-    def _scores(self, kl: float, nll: float, n_windows: int) -> Scores:
-        return Scores(kl=kl, nll=nll, tokens=n_windows * self.windows.seqlen)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scored: list[list[tuple[float, float]]] = []
+
+    def _window_scores(self, idx: np.ndarray, hidden: torch.Tensor) -> tuple[float, float]:
+        per = []
+        for j in range(len(idx)):        # one window at a time, as the in-process loop does
+            per.append(super()._window_scores(idx[j:j + 1], hidden[j:j + 1]))
+        self.scored.append(per)
+        kl = nll = 0.0
+        for k, n in per:
+            kl, nll = kl + k, nll + n
+        return kl, nll
 
 
 class _DeviceDB:
@@ -113,15 +125,15 @@ class EvalWorker:
         w = spec.windows     # ids arrive read-only from the object store: a private (device) copy
         self.windows = Windows(w.ids.to(self.device, copy=True), w.calib, w.heldout, w.pool)
         self._key: str | None = None
-        self._ev: _SumsEvaluator | None = None
+        self._ev: _WindowSums | None = None
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node": socket.gethostname(), "device": str(self.device),
                 "threads": torch.get_num_threads()}
 
-    def _evaluator(self, key: str, problem: Problem) -> _SumsEvaluator:
+    def _evaluator(self, key: str, problem: Problem) -> _WindowSums:
         if key != self._key:      # a new problem (budget, ties): the model and DB stay loaded
-            self._ev = _SumsEvaluator(self.model, self.db, problem, self.windows, dtype=DTYPES[self.spec.dtype],
+            self._ev = _WindowSums(self.model, self.db, problem, self.windows, dtype=DTYPES[self.spec.dtype],
                                       kl_topk=self.spec.kl_topk)
             self._key = key
         return self._ev
@@ -130,31 +142,39 @@ class EvalWorker:
         t0 = time.perf_counter()
         ev = self._evaluator(key, problem)
         n = 1 if work.xs is None else len(work.xs)
-        sums = np.full((len(work.batches), n, 2), np.nan)
+        sums = np.full((sum(len(idx) for idx in work.batches), n, 2), np.nan)
         errors: dict[int, str] = {}
-        for b, idx in enumerate(work.batches):
+        row = 0
+        for idx in work.batches:
             idx = np.array(idx)        # writable: arrays from the object store are read-only
             if work.xs is None:     # a single plan (held-out, `planner eval`): errors are the caller's
-                s = ev.score(work.plan, idx)
-                sums[b, 0] = s.kl, s.nll
-                continue
-            for i, s in enumerate(_score_many(ev, work.xs, idx, errors)):
-                if s is not None:
-                    sums[b, i] = s.kl, s.nll
-        tokens = sum(len(idx) for idx in work.batches) * ev.windows.seqlen * n
+                ev.scored.clear()
+                ev.score(work.plan, idx)
+                per_plan = list(ev.scored)
+            else:
+                per_plan = _score_many(ev, work.xs, idx, errors)
+            for i, per in enumerate(per_plan):
+                if per is not None:
+                    sums[row:row + len(idx), i] = per
+            row += len(idx)
+        tokens = len(sums) * ev.windows.seqlen * n
         return Done(Output(sums, errors), time.perf_counter() - t0, tokens, os.getpid())
 
 
-def _score_many(ev: InProcessEvaluator, xs, idx: np.ndarray, errors: dict[int, str]) -> list[Scores | None]:
-    """score_many, and on failure one plan at a time: one bad plan must not fail its siblings
-    (the in-process evaluator's rule, applied per batch)."""
+def _score_many(ev: _WindowSums, xs, idx: np.ndarray, errors: dict[int, str]) -> list[list | None]:
+    """Per plan, its windows' sums on one batch: score_many, and on failure one plan at a time (one
+    bad plan must not fail its siblings: the in-process evaluator's rule, applied per batch)."""
+    ev.scored.clear()
     try:
-        return ev.score_many(list(xs), idx)
+        ev.score_many(list(xs), idx)
+        return list(ev.scored)
     except (RuntimeError, ValueError):
-        out: list[Scores | None] = []
+        out: list[list | None] = []
         for i, x in enumerate(xs):
+            ev.scored.clear()
             try:
-                out.append(ev.score(ev.problem.decode(x), idx))
+                ev.score(ev.problem.decode(x), idx)
+                out.append(ev.scored[0])
             except (RuntimeError, ValueError) as e:     # e.g. out of memory: the searcher decides
                 errors.setdefault(i, f"{type(e).__name__}: {e}")
                 out.append(None)

@@ -76,11 +76,12 @@ class InProcessEvaluator:
         return [window_idx[s:s + self.batch_windows] for s in range(0, len(window_idx), self.batch_windows)]
 
     @contextmanager
-    def _from_block(self, start: int):
-        """Temporarily drop blocks < start: the decoder then runs blocks start.. on inputs_embeds."""
+    def _from_block(self, start: int, stop: int | None = None):
+        """Temporarily drop blocks < start (the decoder then runs blocks start.. on inputs_embeds) and,
+        with `stop`, blocks >= stop."""
         layers = self._decoder.layers
-        if start:
-            self._decoder.layers = nn.ModuleList(list(layers)[start:])
+        if start or stop is not None:
+            self._decoder.layers = nn.ModuleList(list(layers)[start:stop])
         try:
             yield
         finally:
@@ -170,11 +171,15 @@ class InProcessEvaluator:
         first = [int(self._blocks[d].min()) if (d := np.flatnonzero(x != anchor)).size else self.n_blocks for x in X]
         batches = self._batches(window_idx)
         prefix: Prefix = []
+        # the anchor runs only up to the deepest block input a plan starts from: a chunk of plans
+        # that all leave it early (a worker's share of EvoPress's first stage) pays a short pass
+        last = max(min(f, self.n_blocks - 1) for f in first)
         self.apply(self.problem.decode(anchor))
         try:
             for idx in batches:  # the anchor's block inputs, up to the last block anyone needs
                 states: list[torch.Tensor] = []
-                self._hidden(idx, capture=states)
+                with self._from_block(0, last + 1):
+                    self._hidden(idx, capture=states)
                 prefix.append(states)
             out = []
             for x, start in zip(X, first, strict=True):
