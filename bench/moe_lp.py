@@ -1,5 +1,6 @@
 """MC-MoE expert allocation on a real-weight MoE: uniform vs the moe-lp integer program (frequency
-only, error only, full) vs evo warm-started from the full program, at 2.5 and 3.0 bits.
+only, error only, full, measured damage; full with the older linear-output errors and without block
+gains as ablations) vs evo warm-started from the full program, at 2.5 and 3.0 bits.
 
 The MoE is SmolLM2-135M MoEfied (planner/moe/moefy.py: each MLP split into a shared expert and 8
 routed experts, top-2, routers fitted to the neurons' activations; cached). Levels: GPTQ 2/3/4 bits,
@@ -32,8 +33,13 @@ from planner.space import parse_space
 SPACE = {"name": "gptq-234-g128", "description": "GPTQ 2/3/4 bits, group 128",
          "levels": [{"method": "gptq", "bits": [2, 3, 4], "group_size": 128}]}
 FULL = "moe-lp full (a=1, b=1)"
-VARIANTS = (("moe-lp frequency only", {"cost": "frequency"}, True), ("moe-lp error only", {"cost": "error"}, True),
-            (FULL, {"cost": "full"}, True), ("moe-lp full, no block gains", {"cost": "full"}, False))
+# (label, moe-lp knobs, block gains, currency of the errors: planner/moe/stats.py)
+VARIANTS = (("moe-lp frequency only", {"cost": "frequency"}, True, "block"),
+            ("moe-lp error only", {"cost": "error"}, True, "block"),
+            (FULL, {"cost": "full"}, True, "block"),
+            ("moe-lp measured damage", {"cost": "measured"}, True, "block"),
+            ("moe-lp full, linear errors", {"cost": "full"}, True, "linear"),
+            ("moe-lp full, no block gains", {"cost": "full"}, False, "block"))
 
 
 def drive(searcher, evaluator) -> None:
@@ -80,7 +86,8 @@ def main() -> None:
              f"stages 2@512,1@1024, from the full program's plan; bf16 evaluation, {args.threads} thread(s)",
              f"expert activation frequency: min {freq.min():.3f}, median {np.median(freq):.3f}, max {freq.max():.3f} "
              f"(top-{spec.top_k}: a layer sums to {spec.top_k}); mean routing weight {weight.min():.3f}..{weight.max():.3f}",
-             f"timings: MoEfication {t_moe:.0f} s, levels DB {t_levels:.0f} s, expert statistics {t_stats:.0f} s", ""]
+             f"timings: MoEfication {t_moe:.0f} s, levels DB {t_levels:.0f} s, expert statistics {t_stats:.0f} s "
+             f"(block-output damages on {stats.damage_tokens} calibration tokens)", ""]
     base = session.evaluator(session.problem(parse_budget("3.0bits"))).score(None, held)
     lines += [f"{'budget':>7} {'plan':<28} {'bits':>6} {'bpw':>6} {'KL':>8} {'ppl':>8} {'s':>6}",
               f"{'':>7} {'MoE (reference)':<28} {'':>6} {'':>6} {0.0:>8.4f} {base.ppl:>8.3f}"]
@@ -95,9 +102,9 @@ def main() -> None:
         drive(uni, ev)
         rows.append(("uniform (best level/mix)", uni.best(), time.perf_counter() - t))
         plans = {}
-        for label, knobs, gains in VARIANTS:
+        for label, knobs, gains, currency in VARIANTS:
             t = time.perf_counter()
-            plans[label] = solve(problem, make_config("moe-lp", {**knobs, **lp_data(stats, problem, gains)}))
+            plans[label] = solve(problem, make_config("moe-lp", {**knobs, **lp_data(stats, problem, gains, currency)}))
             rows.append((label, plans[label], time.perf_counter() - t))
         t = time.perf_counter()
         evo = make_searcher("evo", problem, {"generations": args.generations, "offspring": args.offspring,
@@ -113,8 +120,10 @@ def main() -> None:
             f.write("\n".join(lines) + "\n")
     lines += ["", "s: seconds to find the plan (uniform: its baseline evaluations; evo: the whole run); "
               "the held-out measurement is not included.",
-              "moe-lp rows are predictions only (never measured during the search); 'no block gains' uses the "
-              "layer-local errors as measured, the others scale them by each block's measured gain."]
+              "moe-lp rows are predictions only (never measured during the search). Errors are measured at the "
+              "decoder block's output, experts routing-weighted ('linear errors': dense units at each linear's own "
+              "output, experts frequency x weight^2 x error, as before the fix); 'no block gains' uses them as "
+              "measured, the others scale them by each block's measured gain."]
     for budget, grid in grids:
         lines += ["", f"moe-lp full at {budget}: bits per expert (activation frequency), layer x expert", grid]
     lines += ["", f"total {(time.perf_counter() - t0) / 60:.1f} min"]

@@ -123,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-ppl-increase", default=None, help="hessian: accuracy target as a perplexity increase, e.g. 2%%")
     s.add_argument("--target", choices=["vllm", "llamacpp", "gptqmodel", "packed"], default=None,
                    help="search only plans this engine can serve (its levels; fused groups share one scheme)")
-    s.add_argument("--moe-cost", choices=["full", "frequency", "error"], default=None, help="moe-lp (and evo "
-                   "--init moe-lp): expert cost frequency^a x weight^b x output error (full, default), routing only "
-                   "(frequency) or output error only (error)")
+    s.add_argument("--moe-cost", choices=["full", "frequency", "error", "measured"], default=None, help="moe-lp (and "
+                   "evo --init moe-lp): expert cost frequency^a x weight^b x output error (full, default), routing only "
+                   "(frequency), output error only (error), or the measured routing-weighted error at the block "
+                   "output (measured)")
     s.add_argument("--moe-a", type=float, default=None, help="moe-lp: exponent of the activation frequency (default 1)")
     s.add_argument("--moe-b", type=float, default=None, help="moe-lp: exponent of the mean routing weight (default 1)")
     s.add_argument("--moe-layer-budget", action="store_true", help="moe-lp: also hold each MoE layer's experts to "

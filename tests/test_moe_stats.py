@@ -104,13 +104,19 @@ def test_dense_errors_are_layer_local_output_errors(session, stats):
 
 def test_block_gains(session, stats):
     model, st = stats
-    assert sorted(st.gain) == [0, 1] and all(0 < g < float("inf") for g in st.gain.values())
+    assert sorted(st.kl) == [0, 1] and all(kl > 0 for kl in st.kl.values())
+    for currency in ("block", "linear"):
+        assert sorted(st.gain[currency]) == [0, 1] and all(0 < g < float("inf") for g in st.gain[currency].values())
     from planner.budget import parse_budget
 
     problem = session.problem(parse_budget("3.0bits"))
-    raw, weighted = lp_data(st, problem, gains=False), lp_data(st, problem)
-    e = 0
-    assert weighted["error"][e][0] == pytest.approx(st.gain[raw["layers"][e]] * raw["error"][e][0])
+    for currency in ("block", "linear"):
+        raw, weighted = lp_data(st, problem, gains=False, currency=currency), lp_data(st, problem, currency=currency)
+        e = 0
+        g = st.gain[currency][raw["layers"][e]]
+        assert weighted["error"][e][0] == pytest.approx(g * raw["error"][e][0])
+        assert weighted["damage"][0][0] == pytest.approx(st.gain[currency][0] * raw["damage"][0][0])
+    assert "expert_damage" in lp_data(st, problem) and "expert_damage" not in lp_data(st, problem, currency="linear")
 
 
 def test_stats_are_cached_and_feed_the_program(session, stats, monkeypatch):

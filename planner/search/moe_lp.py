@@ -8,18 +8,21 @@ at level l is
 (frequency: share of calibration tokens routed to it; weight: its mean routing weight; error: the
 mean squared error of its output on its routed tokens with its matrices at level l, alone).
 Ablations: `frequency` replaces error_e(l) by the layer's mean error profile (importance from
-routing only), `error` drops frequency and weight (a = b = 0).
+routing only), `error` drops frequency and weight (a = b = 0). `measured` takes each expert's
+measured damage (below) as its cost, no exponents.
 
 One global budget (the problem's, in its own currency, so a plan meets it exactly as the Problem
 accounts it) covers experts and dense units (attention, shared experts, dense MLPs) in a single
 program. To make the two commensurate, every layer's expert costs are rescaled so that at the
-layer's cheapest level they sum to the physical quantity frequency * weight^2 * error, the expected
-squared error the layer's experts add to the block output per token; dense units come with the same
-currency, their layer-local output error E||dW x||^2 per token. The pipeline multiplies both by the
-block's gain (the measured KL of the block's units at their cheapest level over their predicted
-total), so errors of early blocks, which travel through every later one, weigh what they cost
-(planner/moe/stats.py). The exponents decide
-how a layer's share is spread over its experts, not how large it is.
+layer's cheapest level they sum to the experts' physical damage there, and dense units come with
+damage in the same currency. The pipeline (planner/moe/stats.py) measures both at the decoder
+block's output, per calibration token: a dense unit's error with the block re-run, an expert's
+routing-weighted output error (`expert_damage`); without `expert_damage` the physical quantity is
+frequency * weight^2 * error, paired with dense errors at each linear's own output (the older,
+`linear` currency). Both are multiplied by the block's gain (the measured KL of the block's units
+at their cheapest level over their predicted total), so errors of early blocks, which travel
+through every later one, weigh what they cost. The exponents decide how a layer's share is spread
+over its experts, not how large it is.
 Options: `layer_budget` also holds each MoE layer's experts to the budget's average (MC-MoE's
 per-layer budget); `min_count` demands at least n experts per layer at a level.
 
@@ -48,6 +51,7 @@ class Cost(str, enum.Enum):
     FULL = "full"              # frequency^a * weight^b * error
     FREQUENCY = "frequency"    # frequency^a * weight^b * the layer's mean error profile
     ERROR = "error"            # error alone
+    MEASURED = "measured"      # the measured damage (expert_damage) itself
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class MoeLpConfig:
     weight: tuple[float, ...] = ()                # per expert: mean routing weight when routed
     levels: tuple[str, ...] = ()                  # level ids the errors were measured at
     error: tuple[tuple[float, ...], ...] = ()     # [expert][level]: output error, matrices at that level
+    expert_damage: tuple[tuple[float, ...], ...] = ()   # [expert][level]: block-output damage (or () : f w^2 error)
     dense: tuple[int, ...] = ()                   # indices of the dense units
     damage: tuple[tuple[float, ...], ...] = ()    # [dense unit][ladder index]: output error E||dW x||^2
     # the program
@@ -79,18 +84,26 @@ class MoeLpConfig:
             raise PlannerError("moe-lp: experts, layers, frequency, weight and error need one entry per expert")
         if any(len(row) != len(self.levels) for row in self.error) or len(self.damage) != len(self.dense):
             raise PlannerError("moe-lp: one error per level per expert and one damage row per dense unit are required")
+        if self.expert_damage and (len(self.expert_damage) != n or any(len(r) != len(self.levels) for r in self.expert_damage)):
+            raise PlannerError("moe-lp: expert_damage needs one row per expert and one entry per level")
+        if self.cost == Cost.MEASURED.value and n and not self.expert_damage:
+            raise PlannerError("moe-lp: cost measured needs the experts' measured damage (expert_damage)")
         if any(k < 0 for _, k in self.min_count):
             raise PlannerError("moe-lp: min_count entries must be (level id, n >= 0)")
 
 
 def expert_costs(config: MoeLpConfig) -> np.ndarray:
     """[experts, levels] cost of each expert at each level: the variant's weighting, rescaled per
-    layer to the physical frequency * weight^2 * error at the layer's cheapest (largest-error) level."""
+    layer to the physical damage (`expert_damage`, else frequency * weight^2 * error) at the layer's
+    cheapest (largest-damage) level."""
     f, w = np.asarray(config.frequency, float), np.asarray(config.weight, float)
     err = np.asarray(config.error, float).reshape(len(config.experts), len(config.levels))
     layers = np.asarray(config.layers)
-    physical = (f * w ** 2)[:, None] * err
+    physical = (np.asarray(config.expert_damage, float).reshape(err.shape) if config.expert_damage
+                else (f * w ** 2)[:, None] * err)
     cost = Cost(config.cost)
+    if cost is Cost.MEASURED:
+        return physical
     out = np.empty_like(err)
     for layer in np.unique(layers):
         m = layers == layer
@@ -225,7 +238,7 @@ class MoeLpSearcher(FixedPlans):
         self.problem, self.config = problem, config
         x = solve(problem, config)
         c = config
-        label = f"moe-lp {c.cost}" + (f" a={c.a:g} b={c.b:g}" if c.cost != Cost.ERROR.value else "")
+        label = f"moe-lp {c.cost}" + (f" a={c.a:g} b={c.b:g}" if c.cost in (Cost.FULL.value, Cost.FREQUENCY.value) else "")
         self.plans = [(tuple(int(v) for v in x), objective(problem, config, x), label)]
         self._seed(seed)
         self.results = None
