@@ -1,7 +1,8 @@
 """The CLI on a tiny MoE whose experts are slices of fused 3-D tensors (transformers' Mixtral):
 sensitivity scores and the proxy searchers work per expert slice; exports (every format), the
-packed runtime (`--real`) and `--target` stop before any work with one line and exit code 2,
-leaving nothing on disk. The per-expert modules of older checkpoints are not refused."""
+packed runtime (`--real`), `--target` and sequential calibration stop before any work with one
+line and exit code 2, leaving nothing on disk. The per-expert modules of older checkpoints are not
+refused."""
 
 from __future__ import annotations
 
@@ -91,3 +92,12 @@ def test_names_alone_tell_fused_from_per_expert_modules():
     dense = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
     assert fused_slices(fused + legacy[:1] + dense) == fused
     assert fused_slices(legacy + dense) == []
+
+
+def test_sequential_calibration_refuses_fused_experts(data_args, tmp_path, monkeypatch):
+    space = tmp_path / "seq.yaml"
+    space.write_text(MOE_SPACE + "calibration:\n  sequential: gptq-b4-g16\n")
+    monkeypatch.setenv("PLANNER_CACHE", str(tmp_path / "cache"))
+    args = [a if a != data_args[data_args.index("--space") + 1] else space for a in data_args]
+    assert_one_error_line(*run_cli(["levels", "build", *args]), match="calibration: sequential does not support")
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))

@@ -21,7 +21,7 @@ from torch import nn
 from planner.levels.db import levels_key, write_unit
 from planner.levels.registry import BUILDERS, BuildOptions, Stored
 from planner.model.load import cache_root
-from planner.moe.experts import MoeBlock, moe_blocks, unit_weight
+from planner.moe.experts import MoeBlock, moe_blocks, refuse_fused_experts, unit_weight
 from planner.moe.routing import capture_routing, expert_matrices, routed
 from planner.space import SearchSpace
 from planner.units import Unit
@@ -100,6 +100,9 @@ def build_expert_levels(model: nn.Module, units: list[Unit], space: SearchSpace,
                         model_fingerprint: str, root: Path | None = None, progress_factory=None) -> int:
     """Write the unit files of the expert matrices among `units` (those not written yet) into the
     levels DB directory of (model, calibration, space); returns how many were built."""
+    if space.sequential:     # the sequential pass swaps levels into modules, which fused expert slices are not
+        refuse_fused_experts([u.name for u in units], "calibration: sequential", "remove calibration.sequential "
+                             "from the search space (expert levels come from each expert's routed tokens)", model)
     path = (root or cache_root() / "levels") / levels_key(model_fingerprint, calib_ids, space)
     todo = [u for u in units if u.expert >= 0 and not (path / "units" / f"{u.name}.safetensors").is_file()]
     if not todo:
