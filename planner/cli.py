@@ -15,7 +15,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from planner.budget import parse_budget
+from planner.budget import HARDWARE, Metric, parse_budget
 from planner.errors import BadRunDir, PlannerError
 from planner.model.families import DEFAULT_MODEL
 
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", type=_positive, default=None, help="nsga2 / tpe: tokens every plan is measured on "
                    "(one fixed batch; default 1024)")
     s.add_argument("--objectives", default=None, help="nsga2 / tpe objectives: kl,size (nsga2 default: a front of "
-                   "KL vs size within the budget; size = the budget's metric), kl (tpe default), or kl,bits,bpw,bytes")
+                   "KL vs size within the budget; size = the budget's metric), kl (tpe default), kl,bits,bpw,bytes, "
+                   "or hardware: kl,latency (predicted decode-step time, see --max-latency), kl,memory")
     s.add_argument("--storage", default=None, help="tpe: also write the optuna study to sqlite:///study.db (or a journal "
                    "file) for optuna-dashboard; a resumed run continues the same study")
     s.add_argument("--study-name", default=None, help="tpe: the study's name in --storage (default: the run name)")
@@ -142,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run dir with its own config")
     s.add_argument("--real", action="store_true", help="evaluate through the packed runtime (real low-bit kernels) "
                    "instead of dequantized weights")
+    h = s.add_argument_group("hardware limits (extra limits every searcher keeps; --budget becomes optional)")
+    h.add_argument("--max-latency", metavar="MS", default=None, help="predicted time of one decode step at most this: "
+                   "5ms, 800us, 0.005s (a bare number is ms); timed once per device on the packed kernels and cached "
+                   "next to the levels DB")
+    h.add_argument("--max-memory", metavar="SIZE", default=None, help="bytes of the whole packed model at most this "
+                   "(60MB, 1.2GB): planned weights as stored plus everything else at 16 bits")
+    h.add_argument("--latency-batch", type=_positive, default=None, help="tokens per decode step the latency is "
+                   "predicted for (default 1: one sequence)")
     _model_data_args(s)
     _common(s)
     _workers_args(s)
@@ -266,6 +275,30 @@ def _setup_torch(threads: int | None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+def _hardware_config(args):
+    """The hardware limits of --max-latency / --max-memory / --latency-batch (validated, SI units)."""
+    from planner.budget import HardwareSpec, parse_latency, parse_memory
+
+    wants_latency = args.max_latency is not None or "latency" in (args.objectives or "").replace(" ", "").split(",")
+    if args.latency_batch is not None and not wants_latency:
+        raise PlannerError("--latency-batch applies to --max-latency or a latency objective (--objectives kl,latency)")
+    return HardwareSpec(max_latency=None if args.max_latency is None else parse_latency(args.max_latency).value,
+                        max_memory=None if args.max_memory is None else parse_memory(args.max_memory).value,
+                        batch=args.latency_batch or 1)
+
+
+def _hardware_problem(session, problem, cfg: dict, resumed):
+    """The problem with the run's hardware costs and limits; a resumed run reuses the costs it saved
+    (a latency table measured again would differ a little and change the search under it)."""
+    from planner.budget import HardwareSpec
+    from planner.runtime.hardware import attach_hardware
+
+    spec = dataclasses.replace(HardwareSpec(**cfg.get("hardware", {})),
+                               objectives=tuple(cfg["method_config"].get("objectives", ())))
+    saved = resumed.load_problem().hardware if resumed is not None and (resumed.path / "problem.json").is_file() else None
+    return attach_hardware(session, problem, spec, saved)
+
+
 def cmd_search(args) -> int:
     from planner.pipeline import base_scores, finish, prepare, run_method
     from planner.rundir import RunDir
@@ -277,10 +310,11 @@ def cmd_search(args) -> int:
         md = _model_data(argparse.Namespace(), cfg["model_data"])
     else:
         targeted = args.max_kl is not None or args.max_ppl_increase is not None
-        if not args.budget and not targeted:
-            raise PlannerError("missing --budget: e.g. --budget 3.0bits, 3.25bpw or 45MB")
-        if args.budget:
-            parse_budget(args.budget)
+        hardware = _hardware_config(args)
+        if not args.budget and not targeted and not hardware.limits():
+            raise PlannerError("missing --budget: e.g. --budget 3.0bits, 3.25bpw or 45MB (or a --max-latency / --max-memory)")
+        if args.budget and any(b.metric in HARDWARE for b in parse_budget(args.budget).limits):
+            raise PlannerError(f"--budget {args.budget!r} holds a latency: give it as --max-latency")
         method = args.method or DEFAULTS["method"]
         from planner.search import make_config
         from planner.sensitivity.plans import PROXY_METHODS, parse_score, target_config
@@ -309,6 +343,7 @@ def cmd_search(args) -> int:
                "space": args.space or DEFAULTS["space"], "uniform_tokens": args.uniform_tokens if args.uniform_tokens is not None else DEFAULTS["uniform_tokens"],
                "init": args.init or DEFAULTS["init"], "moe_lp": moe,
                "score": args.score, "tie_fused": bool(args.tie_fused), "real": bool(args.real), "target": args.target,
+               "hardware": {k: v for k, v in dataclasses.asdict(hardware).items() if k != "objectives"},
                "model_data": dataclasses.asdict(md)}
     space = load_space(cfg["space"])
     budget = parse_budget(cfg["budget"]) if cfg["budget"] else None    # None: only an accuracy target
@@ -326,6 +361,7 @@ def cmd_search(args) -> int:
                              "and measure plans with `planner eval`", session.loaded.model)
 
         problem = search_problem(problem, Target(cfg["target"]), {u.name: u.shape for u in session.units})
+    problem = _hardware_problem(session, problem, cfg, run if args.resume else None)
     if cfg.get("real"):
         from planner.runtime import real_evaluator
 
@@ -356,11 +392,17 @@ def summary_table(rows, base, problem, session, run, seconds: float) -> str:
     prunes = problem.kept is not None and bool((problem.kept < problem.numel[:, None]).any())
     if prunes:                                      # pruning levels: the sparsity of every plan too
         lines[-2:] = [lines[-2] + f" {'sparse':>7}", lines[-1] + f" {'':>7}"]
+    hw = [(m, head, scale) for m, head, scale in ((Metric.LATENCY, "ms", 1e3), (Metric.MEMORY, "mem MB", 1e-6))
+          if m in problem.hardware]             # hardware costs: predicted latency, whole-model memory
+    for _, head, _ in hw:
+        lines[-2:] = [lines[-2] + f" {head:>7}", lines[-1] + f" {'':>7}"]
     for r in rows:
         mark = " *" if r.label == "best" else ""
         label = f"best ({r.method})" if r.label == "best" else r.label
+        c = problem.cost(r.x)
         lines.append(f"{label + mark:<34} {r.bits:>6.3f} {r.bpw:>6.3f} {r.bytes / 1e6:>7.2f} {r.kl:>8.4f} {r.ppl:>8.3f}"
-                     + (f" {problem.cost(r.x).sparsity:>7.1%}" if prunes else ""))
+                     + (f" {c.sparsity:>7.1%}" if prunes else "")
+                     + "".join(f" {c.value(m) * scale:>7.2f}" for m, _, scale in hw))
     lines += ["", f"run dir: {run.path}", f"next:    planner eval {run.path / 'best_plan.json'}",
               f"         planner report {run.path}"]
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from planner.budget import Budget
 from planner.data.corpus import load_text
 from planner.data.windows import Windows, make_windows, tokenize
+from planner.errors import PlannerError
 from planner.evaluate.evaluator import InProcessEvaluator
 from planner.levels.db import LevelsDB, build_levels
 from planner.model.load import LoadedModel, fingerprint, load_model
@@ -169,6 +170,8 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
     with _Progress(session, len(uniform.ask()), "uniform baselines", evaluator, done.get("uniform", 0)) as pr:
         run_search(uniform, problem, pr.evaluate, run, on_result=pr.on_result, checkpoint="checkpoint.uniform.json")
     if method == "uniform":
+        if uniform.best() is None:
+            raise PlannerError(f"no uniform plan or two-level mix meets {problem.budget}: search with --method evo")
         return uniform.best()
     config = dict(config)
     if needs_sensitivity(method, init):
@@ -178,7 +181,8 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
 
         config = moe_inputs(session, problem, run, method, config, init)
     if method == "evo" and config.get("init_x") is None:
-        config["init_x"] = list(uniform.best() if init == "uniform" else problem.encode(Plan.load(init)))
+        start = uniform.best() if init == "uniform" else problem.encode(Plan.load(init))
+        config["init_x"] = None if start is None else list(start)   # None (no uniform plan fits): fill_uniform
     if method in POPULATION_METHODS and not config.get("init_xs"):
         config["init_xs"] = _seed_plans(session, problem, uniform, init, score, seed)
     searcher = make_searcher(method, problem, config, seed)
@@ -225,7 +229,7 @@ def measure(session: Session, problem: Problem, x, label: str, method: str) -> R
     cost = problem.cost(x)
     return Row(method=method, generation=-1, stage=-1, tokens=s.tokens, seed=-1, kl=s.kl, ppl=s.ppl,
                bits=cost.bits, bpw=cost.bpw, bytes=cost.nbytes, plan_id=problem.decode(x).id,
-               x=[int(v) for v in x], seconds=time.perf_counter() - t0, label=label)
+               x=[int(v) for v in x], seconds=time.perf_counter() - t0, label=label, extra=cost.hardware())
 
 
 def finish(session: Session, problem: Problem, run: RunDir, best_x, method: str) -> list[Row]:

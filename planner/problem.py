@@ -2,15 +2,20 @@
 exact costs per (unit, level), and the budget. Numpy only: searchers import this, never torch.
 
 A solution is an integer vector x with x[u] = index into unit u's ladder (cheapest first).
+
+Hardware costs (latency, whole-model memory) are not in the levels DB: they arrive as `HwCost`
+tables (`with_hardware`), each a per-(unit, level) part plus a constant for the rest of the model,
+and then count like any other cost: a budget limit on them is one more row for repair and the ILP.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from planner.budget import Budget, Metric
+from planner.budget import HARDWARE, Budget, Metric
 from planner.errors import BadBudget, BadPlan
 from planner.plan import Plan
 
@@ -21,6 +26,8 @@ class Costs:
     bpw: float       # stored bits per planned weight (scales/zeros included)
     nbytes: int      # stored bytes of the planned weights
     density: float = 1.0   # kept (not pruned) fraction of the planned weights: 1 - sparsity
+    latency: float = math.nan   # predicted seconds of one decode step (nan: no latency table)
+    memory: float = math.nan    # bytes of the whole packed model (nan: not attached)
 
     @property
     def sparsity(self) -> float:
@@ -28,7 +35,20 @@ class Costs:
 
     def value(self, metric: Metric) -> float:
         return {Metric.BITS: self.bits, Metric.BPW: self.bpw, Metric.BYTES: float(self.nbytes),
-                Metric.DENSITY: self.density}[metric]
+                Metric.DENSITY: self.density, Metric.LATENCY: self.latency, Metric.MEMORY: self.memory}[metric]
+
+    def hardware(self) -> dict[str, float]:
+        """The hardware costs that are known, by metric name (a journal row's `extra`)."""
+        return {m.value: self.value(m) for m in HARDWARE if math.isfinite(self.value(m))}
+
+
+@dataclass(frozen=True, eq=False)
+class HwCost:
+    """A hardware cost: what each (unit, level) adds, plus what every plan pays for the parts of
+    the model outside the plan (attention, norms, embeddings, lm_head)."""
+
+    table: np.ndarray      # [U, L] (nan pad, like code_bits)
+    base: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,6 +64,7 @@ class Problem:
     ties: tuple[str, ...] = ()        # per unit tie-group id: units sharing a non-empty id take one level id
     kept: np.ndarray | None = None    # [U, L] weights kept (not pruned) of unit u at level l; None: all
     members: tuple[tuple[str, ...], ...] = ()   # per unit, the model units it stands for (fused ties); () : itself
+    hardware: dict[Metric, HwCost] = field(default_factory=dict)   # LATENCY / MEMORY costs (with_hardware)
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,11 +93,12 @@ class Problem:
         order.sort(key=lambda g: g[0])
         ladders = [[lv for lv in self.levels[g[0]] if all(lv in self.levels[m] for m in g)] for g in order]
         width = max(len(lad) for lad in ladders)
-        cols = {k: np.full((len(order), width), np.nan) for k in ("code", "stored", "kept")}
-        kept_all = self.unit_cost(Metric.DENSITY)
+        tables = {"code": self.code_bits, "stored": self.stored_bits, "kept": self.unit_cost(Metric.DENSITY),
+                  **{m: hw.table for m, hw in self.hardware.items()}}
+        cols = {k: np.full((len(order), width), np.nan) for k in tables}
         for r, (g, lad) in enumerate(zip(order, ladders, strict=True)):
             idx = [[self.levels[m].index(lv) for m in g] for lv in lad]
-            for k, table in (("code", self.code_bits), ("stored", self.stored_bits), ("kept", kept_all)):
+            for k, table in tables.items():
                 cols[k][r, :len(lad)] = [sum(table[m, j] for m, j in zip(g, js, strict=True)) for js in idx]
         name = lambda g: self.units[g[0]] + "".join("+" + self.units[m].rsplit(".", 1)[-1] for m in g[1:])  # noqa: E731
         return Problem(units=tuple(name(g) for g in order), numel=np.array([self.numel[g].sum() for g in order]),
@@ -84,7 +106,15 @@ class Problem:
                        budget=self.budget, kinds=tuple("+".join(self.kinds[m] for m in g) for g in order) if self.kinds else (),
                        blocks=tuple(self.blocks[g[0]] for g in order) if self.blocks else (),
                        kept=cols["kept"] if self.kept is not None else None,
-                       members=tuple(tuple(self.units[m] for m in g) for g in order))
+                       members=tuple(tuple(self.units[m] for m in g) for g in order),
+                       hardware={m: HwCost(cols[m], hw.base) for m, hw in self.hardware.items()})
+
+    def with_hardware(self, metric: Metric, table: np.ndarray, base: float = 0.0) -> Problem:
+        """This problem with a hardware cost attached ([U, L] per unit and level, plus `base`)."""
+        if metric not in HARDWARE or np.shape(table) != self.code_bits.shape:
+            raise ValueError(f"with_hardware: {metric} needs a {self.code_bits.shape} table, got {np.shape(table)}")
+        return replace(self, hardware={**self.hardware, metric: HwCost(np.asarray(table, dtype=np.float64), float(base))},
+                       _index={})
 
     # --- shape -------------------------------------------------------------------------
     @property
@@ -140,7 +170,16 @@ class Problem:
         if metric is Metric.DENSITY:      # kept weights: sparsity >= s  <=>  kept <= (1 - s) * numel
             return self.kept if self.kept is not None else np.where(np.isnan(self.code_bits), np.nan,
                                                                      self.numel[:, None].astype(np.float64))
+        if metric in HARDWARE:
+            return self._hw(metric).table
         return self.stored_bits / 8.0 if metric is Metric.BYTES else self.stored_bits
+
+    def _hw(self, metric: Metric) -> HwCost:
+        if metric not in self.hardware:
+            flag = {Metric.LATENCY: "--max-latency / --objectives ...,latency", Metric.MEMORY: "--max-memory"}[metric]
+            raise BadBudget(f"this problem has no {metric.value} costs: they are attached by {flag} "
+                            "(planner/runtime/latency.py), not by the levels DB")
+        return self.hardware[metric]
 
     def cost(self, x) -> Costs:
         idx = (np.arange(self.n_units), np.asarray(x))
@@ -148,11 +187,28 @@ class Problem:
         stored = float(self.stored_bits[idx].sum())
         n = self.total_numel
         kept = float(self.unit_cost(Metric.DENSITY)[idx].sum())
-        return Costs(bits=code / n, bpw=stored / n, nbytes=int(np.ceil(stored / 8)), density=kept / n)
+        hw = {m.value: h.base + float(h.table[idx].sum()) for m, h in self.hardware.items()}
+        return Costs(bits=code / n, bpw=stored / n, nbytes=int(np.ceil(stored / 8)), density=kept / n, **hw)
 
     def limit(self, b: Budget) -> float:
-        """One limit in the additive currency of `unit_cost(b.metric)` (total bits, bytes or kept weights)."""
+        """One limit in the additive currency of `unit_cost(b.metric)` (total bits, bytes or kept
+        weights; seconds or bytes of the planned units for hardware limits: the base taken off)."""
+        if b.metric in HARDWARE:
+            return b.value - self._hw(b.metric).base
         return b.value if b.metric is Metric.BYTES else b.value * self.total_numel
+
+    def in_budget_units(self, metric: Metric, spend: float) -> float:
+        """The inverse of `limit`: an additive spend in `metric` as a budget would state it."""
+        if metric in HARDWARE:
+            return spend + self._hw(metric).base
+        return spend if metric is Metric.BYTES else spend / self.total_numel
+
+    def extent(self, metric: Metric) -> tuple[float, float]:
+        """(lowest, highest) cost any plan can have in `metric`, as a budget states it: per-unit
+        minima and maxima, since a hardware cost need not grow along a ladder."""
+        c = self.unit_cost(metric)
+        return (self.in_budget_units(metric, float(np.nansum(np.nanmin(c, axis=1)))),
+                self.in_budget_units(metric, float(np.nansum(np.nanmax(c, axis=1)))))
 
     def budget_total(self) -> float:
         """The budget expressed in the additive currency of `unit_cost` (total bits or bytes)."""
@@ -172,8 +228,7 @@ class Problem:
         for b in self.budget.also:
             lo = float(np.nansum(np.nanmin(self.unit_cost(b.metric), axis=1)))
             if self.limit(b) < lo * (1 - 1e-12):
-                per = lo if b.metric is Metric.BYTES else lo / self.total_numel
-                raise BadBudget(f"budget limit {b} is beyond the cheapest plan ({_fmt(per, b)}): "
+                raise BadBudget(f"budget limit {b} is beyond the cheapest plan ({_fmt(self.in_budget_units(b.metric, lo), b)}): "
                                 "relax it or add lower levels to the search space")
         c = self.unit_cost(self.budget.metric)
         lo = float(np.nansum(np.nanmin(c, axis=1)))

@@ -25,7 +25,7 @@ import numpy as np
 
 from planner.budget import Budget, Metric
 from planner.errors import BadRunDir
-from planner.problem import Problem
+from planner.problem import HwCost, Problem
 
 RUN_SCHEMA = 1
 
@@ -79,7 +79,9 @@ def problem_to_json(p: Problem) -> dict:
             **({"kept": _nan_to_none(p.kept)} if p.kept is not None else {}),
             **({"members": [list(g) for g in p.members]} if p.members else {}),
             **({"budget_also": [{"value": b.value, "metric": b.metric.value} for b in p.budget.also]}
-               if p.budget.also else {})}
+               if p.budget.also else {}),
+            **({"hardware": {m.value: {"table": _nan_to_none(h.table), "base": h.base} for m, h in p.hardware.items()}}
+               if p.hardware else {})}
 
 
 def problem_from_json(d: dict) -> Problem:
@@ -92,7 +94,8 @@ def problem_from_json(d: dict) -> Problem:
                                  tuple(Budget(b["value"], Metric(b["metric"])) for b in d.get("budget_also", ()))),
                    kinds=tuple(d.get("kinds", ())), blocks=tuple(d.get("blocks", ())), ties=tuple(d.get("ties", ())),
                    kept=arr(d["kept"]) if "kept" in d else None,
-                   members=tuple(tuple(g) for g in d.get("members", ())))
+                   members=tuple(tuple(g) for g in d.get("members", ())),
+                   hardware={Metric(m): HwCost(arr(h["table"]), float(h["base"])) for m, h in d.get("hardware", {}).items()})
 
 
 class RunDir:

@@ -7,6 +7,7 @@ resumes after a kill without evaluating or journaling anything twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict
@@ -53,6 +54,18 @@ def toy_problem(budget: Budget | None = None, ragged: bool = False) -> Problem:
             stored[u, lv] = n * (BITS[lv] + overhead)
     return Problem(units=tuple(units), numel=np.array(numel, dtype=np.int64), levels=tuple(levels),
                    code_bits=code, stored_bits=stored, budget=budget, kinds=tuple(kinds), blocks=tuple(blocks))
+
+
+def tied_toy_problem(budget: Budget | None = None) -> Problem:
+    """toy_problem(ragged=True) with q_proj and k_proj of each block tied to one level id (raw
+    `Problem.ties`, as --tie-fused makes them); k_proj lacks 8 bits, so the pair shares 2..6 bits."""
+    p = toy_problem(budget, ragged=True)
+    ties = tuple(f"qk{b}" if k in ("q_proj", "k_proj") else "" for b, k in zip(p.blocks, p.kinds, strict=True))
+    return dataclasses.replace(p, ties=ties, _index={})
+
+
+def ties_kept(problem: Problem, x) -> bool:
+    return all(len({problem.levels[u][x[u]] for u in g}) == 1 for g in problem.tie_groups())
 
 
 def true_kl(problem: Problem, x) -> float:
@@ -117,6 +130,29 @@ def test_every_asked_plan_is_feasible(name, budget):
         assert len(x) == problem.n_units and (x >= 0).all() and (x < problem.n_levels).all()
         assert problem.feasible(x), (c.label, problem.cost(x))
     assert s.best() is not None and problem.feasible(s.best())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_tied_units_share_one_level(name):
+    """Every searcher keeps raw ties: the population ones search the fused problem and name every
+    member in the plans they ask; a JSON round trip mid-run changes nothing."""
+    problem = tied_toy_problem()
+    ref = make(name, problem, seed=2)
+    ref_batches = drive(ref, problem, evaluator(problem))
+    asked = [c for b in ref_batches for c in b]
+    assert asked
+    for c in asked:
+        assert len(c.x) == problem.n_units and problem.feasible(c.x) and ties_kept(problem, c.x), c.label
+    assert ref.best() is not None and ties_kept(problem, ref.best())
+    s, batches = make(name, problem, seed=2), []
+    while not s.done():
+        batches.append(s.ask())
+        s.tell(evaluator(problem)(batches[-1]))
+        if len(batches) == 1:
+            restored = make(name, problem, seed=99)
+            restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+            s = restored
+    assert batches == ref_batches and s.best() == ref.best()
 
 
 @pytest.mark.parametrize("name", METHODS)

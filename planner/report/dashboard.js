@@ -4,7 +4,8 @@ const boot = JSON.parse(document.getElementById("planner-data").textContent);
 const LIVE = boot.live;
 let D = boot, axis = D.budget.metric === "bytes" ? "mb" : D.budget.metric, sel = null, picked = null;
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"];
-const AXES = {bits: "bits (code bits per weight)", bpw: "bpw (stored bits per weight)", mb: "MB stored"};
+const AXES = {bits: "bits (code bits per weight)", bpw: "bpw (stored bits per weight)", mb: "MB stored",
+  ms: "predicted latency (ms per decode step)"};
 const $ = (id) => document.getElementById(id);
 const range = (n) => Array.from({length: n}, (_, i) => i);
 const uniq = (a) => [...new Set(a)];
@@ -16,7 +17,8 @@ function hover(i) {
   const P = D.plans;
   return `plan ${P.id[i]}${P.label[i] ? " (" + P.label[i] + ")" : ""}<br>bits ${fmt(P.bits[i])} | bpw ${fmt(P.bpw[i])}` +
     ` | ${fmt(P.mb[i])} MB<br>KL ${fmt(P.kl[i])} | ppl ${fmt(P.ppl[i])}<br>${P.methods[i]} gen ${P.generation[i]}` +
-    ` | ${P.tokens[i]} tokens | run ${P.run[i]}` + (P.predicted[i] !== null ? `<br>predicted ${fmt(P.predicted[i])}` : "");
+    ` | ${P.tokens[i]} tokens | run ${P.run[i]}` + (P.predicted[i] !== null ? `<br>predicted ${fmt(P.predicted[i])}` : "") +
+    (P.ms[i] !== null ? `<br>latency ${fmt(P.ms[i])} ms` : "");
 }
 
 function budgetOnAxis() {
@@ -134,7 +136,7 @@ function setupSlider() {
 function bestUnder(v) {
   let best = null;
   for (let i = 0; i < nPlans(); i++) {
-    if (D.plans[axis][i] <= v && D.plans.kl[i] !== null && (best === null || D.plans.kl[i] < D.plans.kl[best])) best = i;
+    if (D.plans[axis][i] !== null && D.plans[axis][i] <= v && D.plans.kl[i] !== null && (best === null || D.plans.kl[i] < D.plans.kl[best])) best = i;
   }
   return best;
 }
@@ -190,6 +192,7 @@ function renderAll() {
 
 $("export-format").innerHTML = D.export_formats.map((f) => `<option>${f}</option>`).join("");
 $("export-format").addEventListener("change", drawPlan);
+if (D.plans.ms.some((v) => v !== null)) $("axis").insertAdjacentHTML("beforeend", '<option value="ms">latency</option>');
 $("axis").value = axis;
 $("axis").addEventListener("change", (e) => { axis = e.target.value; picked = null; setupSlider(); drawScatter(); });
 $("budget").addEventListener("input", onSlider);

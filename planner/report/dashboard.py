@@ -125,6 +125,7 @@ def dashboard_data(runs: Runs) -> dict:
                   "methods": plans.methods, "run": plans.run, "generation": plans.generation, "tokens": plans.tokens,
                   "label": plans.label, "uniform": plans.uniform, "within": plans.within,
                   "front_bits": plans.front_bits, "front_bpw": plans.front_bpw, "front_mb": plans.front_bytes,
+                  "ms": plans.latency * 1e3, "front_ms": plans.front_latency,   # runs with a latency limit/objective
                   "predicted": plans.predicted, "heldout_kl": plans.heldout_kl, "evaluations": plans.evaluations},
         "best": runs.best_id(), "run_best": best, "export_formats": EXPORT_FORMATS,
         "convergence": conv, "hypervolume": hv, "predicted": _predicted(runs), "sensitivity": _sensitivity(runs),

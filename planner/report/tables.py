@@ -87,14 +87,14 @@ def load_runs(paths) -> Runs:
             d = asdict(r)
             xs.setdefault(r.plan_id, list(r.x))
             records.append({"run": name, "order": i, **{k: v for k, v in d.items() if k not in ("x", "extra")},
-                            "predicted": r.extra.get("predicted")})
+                            "predicted": r.extra.get("predicted"), "latency": r.extra.get("latency")})
         held += [{"run": name, **{k: v for k, v in asdict(r).items() if k not in ("x", "extra")}} for r in run.heldout()]
     rows = pd.DataFrame.from_records(records, columns=_ROW_COLUMNS)
     return Runs(runs, names, problem, rows, _plans(rows, problem, pd.DataFrame(held)), pd.DataFrame(held), xs)
 
 
 _ROW_COLUMNS = ["run", "order", "method", "generation", "stage", "tokens", "seed", "kl", "ppl", "bits", "bpw", "bytes",
-                "plan_id", "seconds", "error", "label", "predicted"]
+                "plan_id", "seconds", "error", "label", "predicted", "latency"]
 
 
 def _names(runs: list[RunDir]) -> list[str]:
@@ -110,8 +110,9 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
 def _plans(rows: pd.DataFrame, problem: Problem, held: pd.DataFrame) -> pd.DataFrame:
     ok = ok_rows(rows)
     if ok.empty:            # typed columns: boolean masks and sorts still work on no plans
-        text, flags = ("method", "methods", "run", "label"), ("uniform", "within", *(f"front_{s}" for s in SIZES))
-        numbers = ("generation", "tokens", "kl", "ppl", *SIZES, "evaluations", "predicted", "heldout_kl")
+        text, flags = ("method", "methods", "run", "label"), ("uniform", "within", "front_latency",
+                                                              *(f"front_{s}" for s in SIZES))
+        numbers = ("generation", "tokens", "kl", "ppl", *SIZES, "evaluations", "predicted", "latency", "heldout_kl")
         return pd.DataFrame({**{c: pd.Series(dtype=object) for c in text}, **{c: pd.Series(dtype=float) for c in numbers},
                              **{c: pd.Series(dtype=bool) for c in flags}}).rename_axis("plan_id")
     top = ok[ok.tokens == ok.groupby("plan_id").tokens.transform("max")]
@@ -124,11 +125,12 @@ def _plans(rows: pd.DataFrame, problem: Problem, held: pd.DataFrame) -> pd.DataF
         "tokens": top.groupby("plan_id").tokens.first(), "kl": top.groupby("plan_id").kl.mean(),
         "ppl": top.groupby("plan_id").ppl.mean(), **{s: first[s] for s in SIZES},
         "evaluations": g.size(), "predicted": g.predicted.first(),
+        "latency": g.latency.first().astype(float),     # predicted seconds of a decode step (runtime/hardware.py)
     })
     plans["heldout_kl"] = (held[held.error.isna()].groupby("plan_id").kl.min().reindex(plans.index)
                            if not held.empty else np.nan)
     plans["within"] = plans[problem.budget.metric.value] <= problem.budget.value * (1 + 1e-12)
-    for s in SIZES:
+    for s in (*SIZES, "latency"):
         plans[f"front_{s}"] = front_mask(plans, s)
     return plans
 
@@ -136,7 +138,7 @@ def _plans(rows: pd.DataFrame, problem: Problem, held: pd.DataFrame) -> pd.DataF
 def front_mask(plans: pd.DataFrame, size: str) -> np.ndarray:
     """Plans within the budget that no other such plan beats on both `size` and KL."""
     mask = np.zeros(len(plans), dtype=bool)
-    idx = np.flatnonzero(plans.within.to_numpy())
+    idx = np.flatnonzero(plans.within.to_numpy() & np.isfinite(plans[size].to_numpy(dtype=float)))
     if idx.size:
         pts = plans[[size, "kl"]].to_numpy(dtype=float)[idx]
         mask[idx[nondominated(pts)]] = True

@@ -16,6 +16,8 @@ checks it against an end-to-end measurement (bench/kernels_cpu.py).
 from __future__ import annotations
 
 import json
+import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from planner.errors import PlannerError
 from planner.levels.db import LevelsDB
 from planner.problem import Problem
 from planner.runtime.packed import PackedLinear
@@ -59,65 +62,108 @@ class LatencyTable:
         return self.rows[self.key(shape, scheme, batch)]["seconds"]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+        """Atomically (temp file + rename): a search reading the cached table never sees half of it."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def schemes(db: LevelsDB) -> dict[str, str]:
-    """level id -> what decides its speed: bits, group size and symmetry (not how codes were chosen)."""
-    from planner.space import LevelSpec, Method
+_SCHEME = re.compile(r"^(?:gptq|rtn)-b(\d+)-(?:g(\d+)|pc)(-sym)?$")
 
-    out = {}
-    for d in db.manifest["space"]["levels"]:
-        spec = LevelSpec(Method(d["method"]), int(d["bits"]), int(d["group_size"]), bool(d.get("symmetric", False)))
-        out[spec.id] = f"b{spec.bits}-g{spec.group_size}-{'sym' if spec.symmetric else 'asym'}"
-    return out
+
+class NoKernel(PlannerError):
+    """A unit or level the packed runtime cannot time (no kernel for it), so no latency table."""
+
+
+def scheme_of(level: str) -> str | None:
+    """What decides an integer-grid level's speed: bits, group size and symmetry (not how its codes
+    were chosen); None for a level the packed runtime has no kernel for (pruned, dropped, GGUF)."""
+    m = _SCHEME.match(level)
+    if m is None:
+        return None
+    return f"b{m.group(1)}-g{m.group(2) or 0}-{'sym' if m.group(3) else 'asym'}"
+
+
+def schemes(db: LevelsDB) -> dict[str, str]:
+    """level id -> scheme, for every level of the DB with a packed kernel (gptq / rtn grids)."""
+    return {lv.id: sc for u in db.units for lv in db.levels(u) if (sc := scheme_of(lv.id)) is not None}
 
 
 def unit_shape(db: LevelsDB, unit: str) -> tuple[int, int]:
     return tuple(db.manifest["units"][unit]["shape"])
 
 
+def _scheme(level: str, unit: str) -> str:
+    sc = scheme_of(level)
+    if sc is None:
+        raise NoKernel(f"level {level!r} of {unit} has no packed kernel to time (latency tables cover gptq/rtn "
+                       "integer levels): drop the latency limit/objective or search a gptq/rtn space")
+    return sc
+
+
+def _members(problem: Problem, i: int) -> tuple[str, ...]:
+    return problem.members[i] if problem.members else (problem.units[i],)
+
+
 @torch.no_grad()
 def measure_table(model: nn.Module, problem: Problem, db: LevelsDB, batches: tuple[int, ...] = (1,),
                   reps: int = 10, table: LatencyTable | None = None) -> LatencyTable:
     """Time every distinct (shape, scheme) of the problem and the dense linears at each batch size,
-    and the model's time outside its planned linears, in the model's dtype on its device."""
+    and the model's time outside its planned linears, in the model's dtype on its device.
+    Rows already in `table` are kept, not measured again (a cached table grows)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     table = table or LatencyTable(str(device), str(dtype).removeprefix("torch."), torch.get_num_threads())
-    scheme = schemes(db)
     todo: dict[tuple[tuple[int, int], str], tuple[str, str]] = {}
-    for i, u in enumerate(problem.units):
-        shape = unit_shape(db, u)
-        todo.setdefault((shape, DENSE), (u, ""))
-        for level in problem.levels[i]:
-            todo.setdefault((shape, scheme[level]), (u, level))
+    for i in range(problem.n_units):
+        for u in _members(problem, i):
+            shape = unit_shape(db, u)
+            todo.setdefault((shape, DENSE), (u, ""))
+            for level in problem.levels[i]:
+                todo.setdefault((shape, _scheme(level, u)), (u, level))
     for (shape, kind), (u, level) in todo.items():
-        dense = model.get_submodule(u)
-        mod = dense if kind == DENSE else PackedLinear.from_quantized(db.load(u, level), dense.bias).to(device)
-        nbytes = dense.weight.numel() * dense.weight.element_size() if kind == DENSE else mod.weight_nbytes
-        for b in batches:
-            x = torch.randn(b, shape[1], dtype=dtype, device=device)
-            table.rows[table.key(shape, kind, b)] = {"seconds": median_seconds(lambda m=mod, x=x: m(x), reps),
-                                                       "bytes": nbytes}
+        missing = [b for b in batches if table.key(shape, kind, b) not in table.rows]
+        if missing:
+            _time_linear(model, db, u, level, shape, kind, missing, reps, table)
     vocab = model.config.vocab_size
-    for b in batches:
-        ids = torch.randint(vocab, (1, b), device=device)   # one sequence of b tokens: the prefill shape
+    for b in (b for b in batches if str(b) not in table.rest):
+        ids = torch.randint(vocab, (1, b), device=device)   # one sequence of b tokens (b = 1: a decode step)
         whole = median_seconds(lambda ids=ids: model(ids, use_cache=False, logits_to_keep=1), max(3, reps // 2))
-        linears = sum(table.seconds(unit_shape(db, u), DENSE, b) for u in problem.units)
+        linears = sum(table.seconds(unit_shape(db, u), DENSE, b) for u in problem.model_units)
         table.rest[str(b)] = max(whole - linears, 0.0)
     return table
 
 
+def _time_linear(model: nn.Module, db: LevelsDB, unit: str, level: str, shape: tuple[int, int], kind: str,
+                 batches: list[int], reps: int, table: LatencyTable) -> None:
+    """One (shape, scheme) row per batch size, timed on `unit` (dense, or packed at `level`)."""
+    dense = model.get_submodule(unit)
+    if not isinstance(dense, nn.Linear):
+        raise NoKernel(f"{unit} is a {type(dense).__name__}, not a Linear: the latency table times linears only")
+    device, dtype = dense.weight.device, dense.weight.dtype
+    try:
+        mod = dense if kind == DENSE else PackedLinear.from_quantized(db.load(unit, level), dense.bias).to(device)
+        nbytes = dense.weight.numel() * dense.weight.element_size() if kind == DENSE else mod.weight_nbytes
+        for b in batches:
+            x = torch.randn(b, shape[1], dtype=dtype, device=device)
+            table.rows[table.key(shape, kind, b)] = {"seconds": median_seconds(lambda m=mod, x=x: m(x), reps),
+                                                      "bytes": nbytes}
+    except (RuntimeError, ValueError, NotImplementedError, AssertionError) as e:
+        raise NoKernel(f"no {device.type} kernel runs {kind} on a {shape[0]}x{shape[1]} weight ({unit}, level "
+                       f"{level}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def latency_costs(table: LatencyTable, problem: Problem, db: LevelsDB, batch: int) -> np.ndarray:
-    """[U, L] seconds of each unit at each level (NaN where a ladder is shorter), like Problem.unit_cost."""
-    scheme = schemes(db)
+    """[U, L] seconds of each unit at each level (NaN where a ladder is shorter), like Problem.unit_cost;
+    a fused unit costs the sum of its members."""
     out = np.full((problem.n_units, max(len(lad) for lad in problem.levels)), np.nan)
-    for i, u in enumerate(problem.units):
-        out[i, :len(problem.levels[i])] = [table.seconds(unit_shape(db, u), scheme[lv], batch) for lv in problem.levels[i]]
+    for i in range(problem.n_units):
+        out[i, :len(problem.levels[i])] = [sum(table.seconds(unit_shape(db, u), _scheme(lv, u), batch)
+                                               for u in _members(problem, i)) for lv in problem.levels[i]]
     return out
 
 

@@ -21,6 +21,7 @@ from planner.errors import PlannerError
 from planner.problem import Problem
 from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
 from planner.search.operators import fill_uniform, level_switch, n_switches, repair
+from planner.search.tied import Fusion
 
 X = tuple[int, ...]
 
@@ -63,15 +64,17 @@ class EvoSearcher:
     method = "evo"
 
     def __init__(self, problem: Problem, config: EvoConfig, seed: int):
-        self.problem, self.config, self.seed = problem, config, int(seed)
+        self.config, self.seed = config, int(seed)
+        self.fusion = Fusion.of(problem)      # tied units (Problem.ties) evolve as one unit per group
+        self.problem = self.fusion.inner
         self.rng = np.random.default_rng(seed)
         if config.init_x is None:
-            parent = fill_uniform(problem, self.rng)
+            parent = fill_uniform(self.problem, self.rng)
         else:
             if len(config.init_x) != problem.n_units:
                 raise PlannerError(f"evo: init_x has {len(config.init_x)} entries, the problem has "
                                    f"{problem.n_units} units")
-            parent = repair(config.init_x, problem, self.rng)
+            parent = repair(self.fusion.to_inner(config.init_x), self.problem, self.rng)
         self.parent: X = tuple(int(v) for v in parent)
         self.parent_kl = math.inf
         self.generation = 0
@@ -107,15 +110,16 @@ class EvoSearcher:
         if self.pending is None:
             self.pending = self._breed()
         f, g, s = self._fidelity(), self.generation, self.stage
-        out = [Candidate(x, f, method=self.method, generation=g, stage=s) for x in self.pending]
+        out = [Candidate(self.fusion.to_outer(x), f, method=self.method, generation=g, stage=s) for x in self.pending]
         if self._last_stage():
-            out.append(Candidate(self.parent, f, method=self.method, generation=g, stage=s, label="parent"))
+            out.append(Candidate(self.fusion.to_outer(self.parent), f, method=self.method, generation=g, stage=s,
+                                 label="parent"))
         return out
 
     def tell(self, results: list[Result]) -> None:
         if self.pending is None:
             raise PlannerError("evo: tell() before ask()")
-        fit = {tuple(r.candidate.x): _fit(r) for r in results}
+        fit = {self.fusion.to_inner(r.candidate.x): _fit(r) for r in results}
         # stable sort: ties keep breeding order, so the run is deterministic
         ranked = sorted(self.pending, key=lambda x: fit.get(x, math.inf))
         keep = ranked[: self.config.stages[self.stage][0]]
@@ -136,7 +140,7 @@ class EvoSearcher:
         return self.generation >= self.config.generations
 
     def best(self) -> X | None:
-        return self.parent
+        return self.fusion.to_outer(self.parent)
 
     # --- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,13 +1,15 @@
 """Objectives of a multi-objective search, and the hypervolume of what it found (numpy only).
 
 Every objective is minimized: KL to the base model, and sizes (bits, bpw, bytes; `size` means the
-budget's own currency). The budget stays an upper bound: plans over it are outside the front.
+budget's own currency) or hardware costs (latency, memory: the problem must carry them, see
+planner/runtime/hardware.py). The budget stays an upper bound: plans over it are outside the front.
 
 For the hypervolume every objective is mapped onto [0, 1] with fixed ends, so numbers from
 different methods and runs of one problem compare:
 - KL on a log scale from KL_FLOOR (1e-3 nats, the bf16 noise floor: smaller KLs say nothing) to
   KL_REF (10 nats: a broken model; uniform 2-bit RTN on the default model is 12);
-- a size from the cheapest plan to the budget (the budget's metric) or to the dearest plan (others).
+- a size from the cheapest plan to the budget (the budget's metric) or to the dearest plan (others);
+  latency and memory from their lowest to their highest value over all plans.
 The reference point lies a margin past the box, at (1.1, ..., 1.1), so that plans exactly on the
 budget (where a single-objective search puts them) still count; `plans_hypervolume` divides by
 1.1^d, so it lies in [0, 1].
@@ -20,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from planner.budget import Metric
+from planner.budget import HARDWARE, Metric
 from planner.errors import PlannerError
 from planner.problem import Problem
 
@@ -35,6 +37,8 @@ class Objective(str, enum.Enum):
     BPW = "bpw"
     BYTES = "bytes"
     SIZE = "size"          # the budget's metric
+    LATENCY = "latency"    # predicted seconds of a decode step (needs the problem's latency costs)
+    MEMORY = "memory"      # bytes of the whole packed model (needs the problem's memory costs)
 
 
 def parse_objectives(names: Iterable[str]) -> tuple[Objective, ...]:
@@ -45,7 +49,7 @@ def parse_objectives(names: Iterable[str]) -> tuple[Objective, ...]:
         raise PlannerError(f"unknown objective in {list(names)!r}: choose from "
                            f"{', '.join(o.value for o in Objective)} (kl first)") from None
     if not objs or objs[0] is not Objective.KL or Objective.KL in objs[1:] or len(set(objs)) != len(objs):
-        raise PlannerError(f"objectives must start with kl and not repeat, e.g. kl or kl,size or kl,bits,bpw; "
+        raise PlannerError(f"objectives must start with kl and not repeat, e.g. kl, kl,size, kl,bits,bpw or kl,latency; "
                            f"got {','.join(o.value for o in objs)}")
     return objs
 
@@ -61,20 +65,30 @@ def resolve(objectives: Sequence[Objective | str], problem: Problem) -> tuple[Me
 
 
 def setup(method: str, problem: Problem, objectives: Iterable[str], init_xs: Sequence) -> tuple:
-    """(objectives, size metrics) of a population searcher, after checking what it cannot honour:
-    tied units (its moves change one unit at a time) and seed plans of the wrong length."""
-    if problem.tie_groups():
-        raise PlannerError(f"{method}: the problem ties fused units to one level (--tie-fused), which {method}'s moves "
-                           "do not keep yet: drop --tie-fused, or use ilp / lagrange / hessian")
+    """(objectives, size metrics, fusion, seed plans) of a population searcher. Tied units are
+    searched as the fused problem (`fusion.inner`; its moves change one unit at a time, so each tie
+    group becomes one unit) and the seed plans mapped onto it; a seed plan of the wrong length or a
+    hardware objective the problem has no costs for is an error."""
+    from planner.search.tied import Fusion
+
     for x in init_xs:
         if len(x) != problem.n_units:
             raise PlannerError(f"{method}: a seed plan has {len(x)} entries, the problem has {problem.n_units} units")
     objs = parse_objectives(objectives)
-    return objs, resolve(objs, problem)
+    metrics = resolve(objs, problem)
+    missing = [m.value for m in metrics if m in HARDWARE and m not in problem.hardware]
+    if missing:
+        raise PlannerError(f"{method}: objective {missing[0]} needs the problem's {missing[0]} costs "
+                           "(planner.runtime.hardware.attach_hardware; the CLI attaches them for --objectives)")
+    fusion = Fusion.of(problem)
+    return objs, metrics, fusion, tuple(fusion.to_inner(x) for x in init_xs)
 
 
 def size_bounds(problem: Problem, metric: Metric) -> tuple[float, float]:
     """(cheapest plan, budget) in `metric` for the budget's metric; (cheapest, dearest) otherwise."""
+    if metric in HARDWARE:          # need not grow along a ladder: the extremes over all plans
+        lo, hi = problem.extent(metric)
+        return lo, max(hi, lo * (1 + 1e-9) + 1e-12)
     lo = problem.cost(np.zeros(problem.n_units, dtype=np.int64)).value(metric)
     if metric is problem.budget.metric:
         hi = problem.budget.value

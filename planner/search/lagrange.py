@@ -17,14 +17,14 @@ import numpy as np
 
 from planner.errors import PlannerError
 from planner.search.base import register
-from planner.search.ilp import FixedPlans, IlpConfig, Items
+from planner.search.ilp import FixedPlans, IlpConfig, Items, solve_mckp
 
 _REL_TOL = 1e-12
 
 
 def relaxed_options(items: Items, lam: float) -> np.ndarray:
     """Per item, argmin of damage + lam * cost (options are cheapest first: exact ties go cheap)."""
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):     # lam doubles towards inf when no plan fits
         obj = np.where(np.isfinite(items.cost), items.damage + lam * items.cost, np.inf)
     return np.argmin(obj, axis=1)
 
@@ -110,6 +110,8 @@ class LagrangeSearcher(FixedPlans):
         for k in range(1, self.config.points + 1):
             target = cheapest + (limit - cheapest) * k / self.config.points
             opts = bisect_multiplier(items, min(target, limit))
+            if opts is None and items.extra:   # a further limit no relaxed plan keeps (latency: not monotone
+                opts = solve_mckp(items, min(target, limit))   # in bits): the exact plan for this budget
             if opts is None:
                 continue
             x = tuple(int(v) for v in items.to_x(opts, self.problem.n_units))

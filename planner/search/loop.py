@@ -59,7 +59,7 @@ def _row(problem: Problem, c: Candidate, r: Result, seconds: float) -> Row:
     return Row(method=c.method, generation=c.generation, stage=c.stage, tokens=c.fidelity.tokens,
                seed=c.fidelity.seed, kl=r.kl, ppl=r.ppl, bits=cost.bits, bpw=cost.bpw, bytes=cost.nbytes,
                plan_id=problem.decode(c.x).id, x=list(c.x), seconds=seconds, error=r.error, label=c.label,
-               extra={} if c.predicted is None else {"predicted": c.predicted})
+               extra={**cost.hardware(), **({} if c.predicted is None else {"predicted": c.predicted})})
 
 
 def run_search(searcher: Searcher, problem: Problem, evaluate: Callable[[list[Candidate]], list[Result]],

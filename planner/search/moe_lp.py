@@ -182,18 +182,23 @@ def solve(problem: Problem, config: MoeLpConfig) -> np.ndarray:
     d = items.damage[item, opt] - np.nanmin(np.where(valid, items.damage, np.inf), axis=1)[item]
     d = d / max(float(np.abs(d).max()), 1e-300)            # the objective is O(1) for HiGHS
     limit = problem.budget_total()
-    scale = max(abs(limit), 1e-300)
-    a = items.cost[item, opt] / scale
+    a = items.cost[item, opt]
     one = csr_array((np.ones(n_var), (item, np.arange(n_var))), shape=(len(items.members), n_var))
-    # budget rows: the global one, then one per MoE layer with `layer_budget`
+    # budget rows (cost per variable, limit): the global one, one per MoE layer with `layer_budget`,
+    # then one per further limit of the budget (`4.0bits,50%sparsity`, a latency or memory limit)
     numel = np.array([problem.numel[m].sum() for m in items.members], float)
-    budgets = [(np.ones(n_var, bool), limit)]
+    budgets = [(a, limit)]
     if config.layer_budget:
         for ly in np.unique(layer[:n_exp]):
             m = layer[item] == ly
-            budgets.append((m, limit * numel[layer == ly].sum() / problem.total_numel))
-    A = np.array([np.where(m, a, 0.0) for m, _ in budgets])
-    rhs = np.array([b for _, b in budgets]) / scale
+            budgets.append((np.where(m, a, 0.0), limit * numel[layer == ly].sum() / problem.total_numel))
+    for b in problem.budget.also:
+        t = problem.unit_cost(b.metric)
+        budgets.append((np.array([t[items.members[i], items.choice[i][o]].sum() for i, o in zip(item, opt, strict=True)]),
+                        problem.limit(b)))
+    scale = np.array([max(abs(lim), 1e-300) for _, lim in budgets])
+    A = np.array([row for row, _ in budgets]) / scale[:, None]
+    rhs = np.array([lim for _, lim in budgets]) / scale
     mins = []
     for lv, k in config.min_count:
         for ly in np.unique(layer[:n_exp]):
@@ -213,7 +218,7 @@ def solve(problem: Problem, config: MoeLpConfig) -> np.ndarray:
         chosen = np.zeros(len(items.members), dtype=np.int64)
         picked = np.flatnonzero(res.x > 0.5)
         chosen[item[picked]] = opt[picked]
-        spent = np.array([float(items.cost[item[picked], opt[picked]][m[picked]].sum()) for m, _ in budgets])
+        spent = np.array([float(row[picked].sum()) for row, _ in budgets])
         over = spent - np.array([b for _, b in budgets]) * (1 + _REL_TOL)
         if (over <= 0).all():
             return items.to_x(chosen, problem.n_units)

@@ -69,8 +69,10 @@ class NSGA2Searcher:
     method = "nsga2"
 
     def __init__(self, problem: Problem, config: NSGA2Config, seed: int):
-        self.problem, self.config = problem, config
-        self.objectives, self.metrics = setup("nsga2", problem, config.objectives, config.init_xs)
+        self.config = config
+        self.objectives, self.metrics, self.fusion, self.init_xs = setup("nsga2", problem, config.objectives,
+                                                                         config.init_xs)
+        self.problem = self.fusion.inner      # tie groups are one unit here; candidates name every member
         self.fill = not self.metrics            # KL alone: plans should spend the budget
         self._seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -91,7 +93,7 @@ class NSGA2Searcher:
 
         c = self.config
         seeds = []
-        for x in c.init_xs:        # repaired with their own rng: seeding never shifts the main stream
+        for x in self.init_xs:     # repaired with their own rng: seeding never shifts the main stream
             t = tuple(int(v) for v in repair(x, self.problem, np.random.default_rng(self.seed), fill=self.fill))
             if t not in seeds:
                 seeds.append(t)
@@ -117,12 +119,12 @@ class NSGA2Searcher:
             xs = [] if off is None else [tuple(int(v) for v in x) for x in off.get("X")]
             self.pending = list(dict.fromkeys(x for x in xs if x not in self.measured))
         g = self.generation
-        return [Candidate(x, self.fidelity, method=self.method, generation=g) for x in self.pending]
+        return [Candidate(self.fusion.to_outer(x), self.fidelity, method=self.method, generation=g) for x in self.pending]
 
     def tell(self, results: list[Result]) -> None:
         if self.pending is None:
             raise PlannerError("nsga2: tell() before ask()")
-        kl = {tuple(r.candidate.x): (r.kl if r.ok else math.inf) for r in results}
+        kl = {self.fusion.to_inner(r.candidate.x): (r.kl if r.ok else math.inf) for r in results}
         for x in self.pending:
             self.measured[x] = kl.get(x, math.inf)
         if self.pending:
@@ -135,7 +137,7 @@ class NSGA2Searcher:
                         "g": pop.get("G").ravel().tolist(),
                         "rank": [10**9 if r is None else int(r) for r in pop.get("rank")],
                         "crowding": [0.0 if c is None else float(c) for c in pop.get("crowding")]}
-        best = self.best()
+        best = self._best()
         self.history.append((self.generation, self.measured[best] if best else math.inf, self.hypervolume()))
         self.generation += 1
         self.pending = None
@@ -143,10 +145,14 @@ class NSGA2Searcher:
     def done(self) -> bool:
         return self.generation >= self.config.generations
 
-    def best(self) -> X | None:
-        """The lowest KL measured within the budget."""
+    def _best(self) -> X | None:
         ok = [(k, x) for x, k in self.measured.items() if math.isfinite(k) and self.problem.feasible(x)]
         return min(ok)[1] if ok else None
+
+    def best(self) -> X | None:
+        """The lowest KL measured within the budget."""
+        best = self._best()
+        return None if best is None else self.fusion.to_outer(best)
 
     def hypervolume(self) -> float:
         ok = [(x, k) for x, k in self.measured.items() if math.isfinite(k) and self.problem.feasible(x)]

@@ -70,7 +70,9 @@ def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] 
     Over budget: lower random units one step, preferring units not in `frozen` (a mutation's
     raised units, so the repair does not undo the move it repairs). Then `fill_slack`, unless
     `fill` is False (multi-objective search, where the budget is only an upper bound and plans
-    below it are wanted). The result is feasible whenever the all-cheapest plan is.
+    below it are wanted). When no step down helps (a latency limit: 2-bit kernels can be slower
+    than 4-bit ones) the nearest feasible plan is solved for instead. The result is feasible
+    whenever any plan is.
     """
     x = np.clip(np.array(x, dtype=np.int64), 0, problem.n_levels - 1)
     frozen_mask = np.zeros(len(x), dtype=bool)
@@ -79,13 +81,25 @@ def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] 
         down = x > 0
         if problem.budget.also:      # lower only units whose step down eases a limit that is broken
             down &= _eases(x, problem)
-        if not down.any():
-            return x             # the all-cheapest plan is over budget: nothing can fix it here
+        if not down.any():           # a cost that does not grow along the ladders (latency) can need
+            return nearest_feasible(x, problem)   # raises: the nearest plan that keeps every limit
         pool = np.flatnonzero(down & ~frozen_mask)
         if pool.size == 0:
             pool = np.flatnonzero(down)
         x[int(rng.choice(pool))] -= 1
     return fill_slack(x, problem, rng) if fill else x
+
+
+def nearest_feasible(x, problem: Problem) -> np.ndarray:
+    """The plan within every limit that moves the fewest ladder steps away from x (an exact
+    multiple-choice knapsack; tie groups kept); x itself when no plan meets the budget."""
+    from planner.search.ilp import make_items, solve_mckp
+
+    x = np.asarray(x, dtype=np.int64)
+    steps = np.abs(np.arange(problem.code_bits.shape[1])[None, :] - x[:, None]).astype(np.float64)
+    items = make_items(problem, np.where(np.isnan(problem.code_bits), np.nan, steps))
+    opts = solve_mckp(items, problem.budget_total())
+    return x.copy() if opts is None else items.to_x(opts, problem.n_units)
 
 
 def n_switches(rng: np.random.Generator, max_switches: int = 3) -> int:
@@ -123,7 +137,7 @@ def level_switch(x, problem: Problem, rng: np.random.Generator, n_switches: int,
                 touched[[a, b]] = True
                 raised.append(int(a))
                 break
-    if same_size_only:
+    if same_size_only and problem.feasible(x):   # same step cost in the budget's metric; other limits may move
         return x
     return repair(x, problem, rng, frozen=raised, fill=fill)
 

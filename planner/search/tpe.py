@@ -73,8 +73,9 @@ class TPESearcher:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)   # a "trial finished" line per plan is noise
-        self.problem, self.config = problem, config
-        self.objectives, self.metrics = setup("tpe", problem, config.objectives, config.init_xs)
+        self.config = config
+        self.objectives, self.metrics, self.fusion, init_xs = setup("tpe", problem, config.objectives, config.init_xs)
+        self.problem = problem = self.fusion.inner   # tie groups are one unit here; candidates name every member
         self.fill = not self.metrics
         self.dists = {u: optuna.distributions.IntDistribution(0, int(top))
                       for u, top in zip(problem.units, problem.n_levels - 1, strict=True)}
@@ -84,7 +85,7 @@ class TPESearcher:
         self.told = 0                  # plans measured by this searcher
         self.batches = 0
         self.exhausted = False         # a whole batch of proposals brought no new plan
-        self.queue: list[X] = [tuple(int(v) for v in x) for x in config.init_xs]
+        self.queue: list[X] = list(init_xs)
         self.pending: list[tuple[int, X]] | None = None    # (trial number, plan) asked, not told
         self.failed: set[X] = set()
         self.history: list[tuple[int, float, float]] = []   # (batch, best KL within budget, hypervolume)
@@ -178,7 +179,8 @@ class TPESearcher:
             self.exhausted = not pending
             self.pending = pending
         plans = list(dict.fromkeys(x for _, x in self.pending))
-        return [Candidate(x, self.fidelity, method=self.method, generation=self.batches) for x in plans]
+        return [Candidate(self.fusion.to_outer(x), self.fidelity, method=self.method, generation=self.batches)
+                for x in plans]
 
     def _tell_trial(self, number: int, x: X, kl: float) -> None:
         if math.isfinite(kl):
@@ -189,14 +191,14 @@ class TPESearcher:
     def tell(self, results: list[Result]) -> None:
         if self.pending is None:
             raise PlannerError("tpe: tell() before ask()")
-        kl = {tuple(r.candidate.x): (r.kl if r.ok else math.inf) for r in results}
+        kl = {self.fusion.to_inner(r.candidate.x): (r.kl if r.ok else math.inf) for r in results}
         for number, x in self.pending:
             k = kl.get(x, math.inf)
             if not math.isfinite(k):
                 self.failed.add(x)
             self._tell_trial(number, x, k)
         self.told += len({x for _, x in self.pending})
-        best = self.best()
+        best = self._best()
         self.history.append((self.batches, self.measured()[best] if best else math.inf, self.hypervolume()))
         self.batches += 1
         self.pending = None
@@ -208,9 +210,13 @@ class TPESearcher:
     def _ok(self) -> list[tuple[float, X]]:
         return [(k, x) for x, k in self.measured().items() if math.isfinite(k) and self.problem.feasible(x)]
 
-    def best(self) -> X | None:
+    def _best(self) -> X | None:
         ok = self._ok()
         return min(ok)[1] if ok else None
+
+    def best(self) -> X | None:
+        best = self._best()
+        return None if best is None else self.fusion.to_outer(best)
 
     def hypervolume(self) -> float:
         ok = self._ok()

@@ -16,6 +16,7 @@ import numpy as np
 from planner.errors import PlannerError
 from planner.problem import Problem
 from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
+from planner.search.tied import Fusion
 
 # Substrings of a unit kind that mark attention (everything else counts as MLP / experts).
 _ATTENTION_MARKS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv")
@@ -83,6 +84,7 @@ class UniformSearcher:
 
     def __init__(self, problem: Problem, config: UniformConfig, seed: int):
         self.problem, self.config = problem, config
+        self.fusion = Fusion.of(problem)      # tied units (Problem.ties) mix as one unit per group
         self._seed(seed)
         self.results: list[tuple[tuple[int, ...], float]] = []
         self.told = False
@@ -93,10 +95,10 @@ class UniformSearcher:
         self.candidates = self._plan_candidates(seed)
 
     def _plan_candidates(self, seed: int) -> list[Candidate]:
-        p, seen, out = self.problem, set(), []
+        p, seen, out = self.fusion.inner, set(), []
 
         def add(x: np.ndarray, label: str) -> None:
-            t = tuple(int(v) for v in x)
+            t = self.fusion.to_outer(x)
             if t not in seen:
                 seen.add(t)
                 out.append(Candidate(t, self.fidelity, method=self.method, label=label))
