@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from planner.budget import parse_budget
 from planner.search.operators import level_switch
@@ -25,6 +26,27 @@ def test_cached_equals_uncached_bit_exact(tiny_sessions, one_thread):
     batches = len(ev._batches(np.asarray(windows)))
     assert ev.blocks_run - before <= (len(xs) + 1) * ev.n_blocks * batches
 
+
+
+@pytest.mark.parametrize("every", [2, 1000])
+def test_checkpoints_every_k_blocks_stay_bit_exact(tiny_sessions, one_thread, every):
+    """A cache too small for every block's input keeps every k-th (checkpoints); plans resume from
+    the checkpoint at or before their first changed block, and the fitness does not move a bit."""
+    session = tiny_sessions("fp32")
+    problem = session.problem(parse_budget("3.0bits"))
+    ev = session.evaluator(problem)
+    rng = np.random.default_rng(1)
+    parent = np.full(problem.n_units, 1)
+    xs = [tuple(int(v) for v in level_switch(parent, problem, rng, 1)) for _ in range(6)] + [tuple(parent)]
+    windows = session.windows.draw(256, 5)
+    full = [ev.score(problem.decode(x), windows) for x in xs]
+    per_block = len(windows) * session.windows.seqlen * ev.model.config.hidden_size * 4
+    ev.prefix_cache_bytes = per_block * ev.n_blocks / every
+    assert ev._checkpoint_stride(windows, ev.n_blocks) >= every     # the tiny model: only block 0 kept
+    before = ev.blocks_run
+    assert ev.score_many(xs, windows) == full
+    batches = len(ev._batches(np.asarray(windows)))
+    assert ev.blocks_run - before >= len(xs) * ev.n_blocks * batches      # every plan resumed from block 0
 
 
 def test_anchor_runs_only_as_deep_as_the_plans_need(tiny_sessions, one_thread):

@@ -8,6 +8,11 @@ anchor plan — the per-unit majority level, i.e. the parent. The anchor's input
 block is computed once per batch of windows; a candidate whose first differing unit sits in
 block i runs only blocks i.. from the cached input. Same windows, same batching, same kernels:
 the result is bit-identical to a full forward (tested in fp32).
+
+The cache is memory-bounded (`prefix_cache_bytes`): when every block's input for every window batch
+would not fit (a large model on long stages), only every k-th block's input is kept - checkpoints -
+and a plan that leaves the anchor in block i resumes from the last checkpoint at or before i. The
+blocks in between run with the plan's own weights, which equal the anchor's there: still bit-exact.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ Prefix = list[list[torch.Tensor]]   # per window batch, the input hidden states 
 class InProcessEvaluator:
     def __init__(self, model: nn.Module, db: LevelsDB, problem: Problem, windows: Windows,
                  dtype: torch.dtype = torch.bfloat16, batch_windows: int = 4, ref_cache_bytes: float = 3e9,
-                 prefix_cache: bool = True, kl_topk: int | None = None):
+                 prefix_cache: bool = True, kl_topk: int | None = None, prefix_cache_bytes: float = 2e9):
         self.model = model.to(dtype)
         self.db, self.problem, self.windows, self.dtype = db, problem, windows, dtype
         self.batch_windows = batch_windows
         self.prefix_cache, self.kl_topk = prefix_cache, kl_topk
+        self.prefix_cache_bytes = prefix_cache_bytes
         self._decoder = model.base_model
         slices = [u for u in problem.model_units if expert_slice(model, u) is not None]   # fused MoE experts
         self._modules = {u: model.get_submodule(u) for u in problem.model_units if u not in slices}
@@ -174,20 +180,22 @@ class InProcessEvaluator:
         # the anchor runs only up to the deepest block input a plan starts from: a chunk of plans
         # that all leave it early (a worker's share of EvoPress's first stage) pays a short pass
         last = max(min(f, self.n_blocks - 1) for f in first)
+        every = self._checkpoint_stride(window_idx, last + 1)
         self.apply(self.problem.decode(anchor))
         try:
             for idx in batches:  # the anchor's block inputs, up to the last block anyone needs
                 states: list[torch.Tensor] = []
                 with self._from_block(0, last + 1):
                     self._hidden(idx, capture=states)
-                prefix.append(states)
+                prefix.append([h if i % every == 0 else None for i, h in enumerate(states)])
+                del states
             out = []
             for x, start in zip(X, first, strict=True):
                 self.apply(self.problem.decode(x))
+                start = min(start, self.n_blocks - 1) // every * every   # the checkpoint at or before it
                 kl = nll = 0.0
                 for b, idx in enumerate(batches):
-                    hidden = self._hidden(idx, start, prefix[b][start]) if start < self.n_blocks else \
-                        self._hidden(idx, start - 1, prefix[b][start - 1])
+                    hidden = self._hidden(idx, start, prefix[b][start])
                     k, n = self._window_scores(idx, hidden)
                     kl, nll = kl + k, nll + n
                 self._scored()
@@ -195,6 +203,12 @@ class InProcessEvaluator:
         finally:
             self.apply(None)
         return out
+
+    def _checkpoint_stride(self, window_idx: np.ndarray, n_states: int) -> int:
+        """k: keep every k-th block input so all batches' kept inputs fit in prefix_cache_bytes."""
+        hidden = self.model.config.hidden_size
+        per_block = len(window_idx) * self.windows.seqlen * hidden * torch.finfo(self.dtype).bits // 8
+        return max(1, -(-per_block * n_states // max(int(self.prefix_cache_bytes), 1)))
 
     def evaluate(self, candidates: list[Candidate]) -> list[Result]:
         """The executor interface: one Result per candidate, failures reported, never raised.
