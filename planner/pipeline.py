@@ -272,10 +272,13 @@ def _front_plans(run: RunDir, method: str, n: int = 8) -> list[tuple[str, tuple[
     from planner.report.tables import load_runs
     from planner.search import make_config
 
-    if method not in POPULATION_METHODS or len(make_config(method, run.config.get("method_config")).objectives) < 2:
+    if method not in POPULATION_METHODS:
+        return []
+    objectives = make_config(method, run.config.get("method_config")).objectives
+    if len(objectives) < 2:
         return []
     runs = load_runs([run.path])
-    size = runs.budget.metric.value
+    size = "latency" if objectives[1] == "latency" else runs.budget.metric.value   # kl,latency: spread over latency
     front = runs.plans[runs.plans[f"front_{size}"]].sort_values(size)
     m = min(n, len(front))
     pick = sorted({round(i * (len(front) - 1) / max(m - 1, 1)) for i in range(m)})      # both ends included

@@ -139,6 +139,19 @@ def test_repair_meets_non_monotone_limits(limits, seed, fill):
     assert ((y >= 0) & (y < p.n_levels)).all() and p.feasible(y)
 
 
+def test_repair_raises_units_when_no_step_down_helps():
+    """All 2-bit is too slow and nothing can go lower: the nearest feasible plan raises units to 4 bits."""
+    from planner.search.operators import nearest_feasible
+
+    p = hw_problem()
+    x = np.zeros(p.n_units, dtype=np.int64)
+    y = nearest_feasible(x, p)
+    assert p.feasible(y) and (y >= x).all() and (p.levels[0][2] == "b4") and (y == 2).any()
+    assert p.feasible(repair(x, p, np.random.default_rng(0), fill=False))
+    impossible = dataclasses.replace(p, budget=Budget(2.0, Metric.BITS, p.budget.also), _index={})
+    assert (nearest_feasible(x, impossible) == x).all()          # no plan at all: x back, unchanged
+
+
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("limits", [("latency",), ("memory",), ("latency", "memory")])
 def test_every_searcher_keeps_hardware_limits(name, limits):
@@ -343,3 +356,18 @@ def test_latency_axis_in_chromium(latency_run, tmp_path):
     lo, hi = (v * 1e3 for v in p.extent(Metric.LATENCY))
     assert xs and all(lo - 1e-9 <= x <= hi + 1e-9 for x in xs) and "latency" in title
     assert errors == []
+
+
+def test_nsga2_on_kl_and_latency_end_to_end(data_args, session_cache_dir, tmp_path):  # noqa: F811
+    with cache_env(session_cache_dir):
+        rc, out, err = run_cli(["search", *data_args, "--budget", "3.0bits", "--method", "nsga2", "--objectives",
+                                "kl,latency", "--generations", "2", "--pop-size", "6", "--tokens", "128",
+                                "--uniform-tokens", "128", "--runs-dir", tmp_path, "--name", "n"])
+    assert rc == 0, err
+    run = RunDir.open(tmp_path / "n")
+    p = run.load_problem()
+    assert Metric.LATENCY in p.hardware and p.budget.also == ()       # an objective, not a limit
+    rows = [r for r in run.results() if r.method == "nsga2"]
+    assert rows and all(r.extra["latency"] == pytest.approx(p.cost(r.x).latency) for r in rows)
+    front = sorted(r.extra["latency"] for r in run.heldout() if r.label.startswith("front"))
+    assert len(front) >= 2 and front[0] < front[-1]                   # held-out front spread over latency
