@@ -1,9 +1,10 @@
 """KL and perplexity against stored bits per weight on the default model: each format family as
-uniform plans, the planner's best plan (evo) over the whole level set, and llama.cpp's own mixes,
+uniform plans, the planner's best plan (evo) over the whole level set (each unit's ladder cut to the
+levels not dominated in stored bits and proxy error: planner/levels/prune.py), and llama.cpp's own mixes,
 all measured by the planner's evaluator on the same held-out windows of 'builtin' (the
 calibration corpus, never searched on) and of 'builtin-docs' (never seen).
 
-    python bench/bpw_frontier.py [--budgets 2.75,3.25,3.75,4.25] [--generations 12]
+    python bench/bpw_frontier.py [--budgets 3.0,3.5,4.0,4.2,4.38,4.43] [--prune-levels dominated] [--generations 12]
         [--eval-windows 8] [--libllama build/bin/libllama.so] [--out reports/bpw_frontier.txt]
 
 bpw counts the 210 decoder-block linears (embeddings and lm_head stay as they are, in every row,
@@ -28,7 +29,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import gguf
@@ -43,18 +44,19 @@ from planner.data.corpus import BUILTIN_DOCS, load_text  # noqa: E402
 from planner.data.windows import make_windows, tokenize  # noqa: E402
 from planner.evaluate.evaluator import InProcessEvaluator  # noqa: E402
 from planner.export.gguf_file import row_permutation  # noqa: E402
+from planner.export.targets import Restriction  # noqa: E402
 from planner.levels.gguf_levels import libggml  # noqa: E402
 from planner.levels.hessian import collect_hessians  # noqa: E402
 from planner.levels.llamacpp_lib import model_quantize  # noqa: E402
 from planner.levels.registry import BUILDERS  # noqa: E402
 from planner.model.families import family_of  # noqa: E402
 from planner.model.load import _alias_gguf  # noqa: E402
-from planner.pipeline import DTYPES, ModelData, prepare  # noqa: E402
+from planner.pipeline import DTYPES, ModelData, prepare, prune_levels  # noqa: E402
 from planner.plan import Plan  # noqa: E402
 from planner.problem import Problem  # noqa: E402
 from planner.rundir import RunDir  # noqa: E402
 from planner.search import make_searcher, run_search  # noqa: E402
-from planner.space import parse_space  # noqa: E402
+from planner.space import PruneLevels, parse_space  # noqa: E402
 
 
 def k(bits, gs, sb, sym=False, rounding="gptq"):
@@ -164,7 +166,10 @@ def _nominal(name: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budgets", default="2.75,3.25,3.75,4.25")
+    # 4.2, 4.38, 4.43: at or just below llama.cpp's Q2_K/Q3_K_S (4.234), IQ3_M (4.386) and IQ4_XS (4.438) mixes
+    ap.add_argument("--budgets", default="3.0,3.5,4.0,4.2,4.38,4.43")
+    ap.add_argument("--prune-levels", default="dominated", choices=[p.value for p in PruneLevels],
+                    help="evo over all levels searches ladders cut to these levels (none: every level)")
     ap.add_argument("--gguf-budget", default="4.25", help="evo over the GGUF-native levels only (lossless llama.cpp export)")
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--offspring", type=int, default=8)
@@ -203,6 +208,13 @@ def main() -> None:
     session = prepare(md, space, quiet=True)
     emit(f"# levels DB: {len(space.levels)} levels x {len(session.units)} units, {time.perf_counter() - t0:.0f} s "
          f"({session.db.path})")
+    prune = PruneLevels(args.prune_levels)
+    if prune is not PruneLevels.NONE:     # the proxy errors once (cached next to the DB), before the evaluators
+        t0 = time.perf_counter()
+        p = prune_levels(session, session.problem(parse_budget(f"{args.budgets.split(',')[0]}bpw")), prune)
+        kept = Counter(lv for ladder in p.levels for lv in ladder)
+        emit(f"# ladders cut to the {prune.value} levels by proxy error tr(dW H dW^T) ({time.perf_counter() - t0:.0f} s); "
+             "units keeping each level: " + ", ".join(f"{s.id} {kept[s.id]}" for s in space.levels))
     docs = make_windows(tokenize(session.loaded.tokenizer, load_text(BUILTIN_DOCS)), md.seqlen, md.calib_tokens,
                         md.eval_tokens, md.seed)
     held, held_docs = session.windows.heldout[:args.eval_windows], docs.heldout[:args.eval_windows]
@@ -254,8 +266,9 @@ def main() -> None:
         run_search(s, problem, sev.evaluate, run)
         measure(group, f"evo @ {budget} ({sev.evaluations} evals)", problem.decode(s.best()), time.perf_counter() - t0)
 
+    group = "planner: evo over all levels" if prune is PruneLevels.NONE else f"planner: evo over {prune.value} levels"
     for b in args.budgets.split(","):
-        evo("planner: evo over all levels", session.problem(parse_budget(f"{b}bpw")), f"{b}bpw")
+        evo(group, prune_levels(session, session.problem(parse_budget(f"{b}bpw")), prune), f"{b}bpw")
     if args.gguf_budget:
         full = session.problem(parse_budget(f"{args.gguf_budget}bpw"))
         gguf_only = _restrict(full, lambda lv: lv.startswith("gguf-") and not lv.startswith("gguf-q4_1"))
@@ -275,14 +288,7 @@ def main() -> None:
 
 
 def _restrict(p: Problem, keep) -> Problem:
-    ladders = [[j for j, lv in enumerate(lad) if keep(lv)] for lad in p.levels]
-    width = max(len(lad) for lad in ladders)
-    code, stored = np.full((p.n_units, width), np.nan), np.full((p.n_units, width), np.nan)
-    for u, lad in enumerate(ladders):
-        code[u, :len(lad)], stored[u, :len(lad)] = p.code_bits[u, lad], p.stored_bits[u, lad]
-    return Problem(units=p.units, numel=p.numel, levels=tuple(tuple(p.levels[u][j] for j in lad)
-                                                               for u, lad in enumerate(ladders)),
-                   code_bits=code, stored_bits=stored, budget=p.budget, kinds=p.kinds, blocks=p.blocks)
+    return Restriction(p, tuple(tuple(j for j, lv in enumerate(lad) if keep(lv)) for lad in p.levels), ()).problem()
 
 
 if __name__ == "__main__":

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the budget's average")
     s.add_argument("--moe-min-count", default=None, help="moe-lp: at least N experts per MoE layer at a level, "
                    "e.g. gptq-b2-g128:1,gptq-b4-g128:1")
+    s.add_argument("--prune-levels", choices=["none", "dominated", "hull"], default=None, help="cut each unit's "
+                   "ladder to the levels no other beats on both cost and proxy error (dominated) or to their lower "
+                   "convex hull (hull) before searching (default: the space's prune_levels, none)")
     s.add_argument("--tie-fused", action="store_true", help="fused groups (q/k/v, gate/up) share one level "
                    "(kept by ilp, lagrange and hessian)")
     s.add_argument("--kl-topk", type=_positive, default=None, help="measure KL over the reference's top-K tokens (+ tail); default: full vocabulary")
@@ -300,9 +303,9 @@ def _hardware_problem(session, problem, cfg: dict, resumed):
 
 
 def cmd_search(args) -> int:
-    from planner.pipeline import base_scores, finish, prepare, run_method
+    from planner.pipeline import base_scores, finish, prepare, prune_levels, run_method
     from planner.rundir import RunDir
-    from planner.space import load_space
+    from planner.space import PruneLevels, load_space
 
     if args.resume:
         run = RunDir.open(args.resume)
@@ -342,7 +345,7 @@ def cmd_search(args) -> int:
         cfg = {"budget": args.budget, "method": method, "method_config": method_config,
                "space": args.space or DEFAULTS["space"], "uniform_tokens": args.uniform_tokens if args.uniform_tokens is not None else DEFAULTS["uniform_tokens"],
                "init": args.init or DEFAULTS["init"], "moe_lp": moe,
-               "score": args.score, "tie_fused": bool(args.tie_fused), "real": bool(args.real), "target": args.target,
+               "score": args.score, "tie_fused": bool(args.tie_fused), "prune_levels": args.prune_levels, "real": bool(args.real), "target": args.target,
                "hardware": {k: v for k, v in dataclasses.asdict(hardware).items() if k != "objectives"},
                "model_data": dataclasses.asdict(md)}
     space = load_space(cfg["space"])
@@ -361,6 +364,7 @@ def cmd_search(args) -> int:
                              "and measure plans with `planner eval`", session.loaded.model)
 
         problem = search_problem(problem, Target(cfg["target"]), {u.name: u.shape for u in session.units})
+    problem = prune_levels(session, problem, PruneLevels(cfg.get("prune_levels") or space.prune_levels))
     problem = _hardware_problem(session, problem, cfg, run if args.resume else None)
     if cfg.get("real"):
         from planner.runtime import real_evaluator

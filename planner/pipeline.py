@@ -2,6 +2,7 @@
 
     session = prepare(ModelData(...), space)        # model, data windows, levels DB (cached)
     problem = session.problem(budget)
+    problem = prune_levels(session, problem, space.prune_levels)   # optional: dominated levels out
     run_method(session, problem, run, ...)            # uniform baselines, then the chosen searcher
     finish(session, problem, run)                     # held-out measurement, pareto.json, best_plan.json
 """
@@ -29,7 +30,7 @@ from planner.problem import Problem
 from planner.rundir import Row, RunDir
 from planner.search import make_searcher, run_search
 from planner.sensitivity import needs_sensitivity, proxy_inputs
-from planner.space import SearchSpace, Tie
+from planner.space import PruneLevels, SearchSpace, Tie
 from planner.units import Unit, plan_units, subblock_ties
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,23 @@ def prepare(spec: ModelData, space: SearchSpace, quiet: bool = False, cluster=No
     session.db = build(loaded.model, units, space, windows.ids[windows.calib], fingerprint(loaded.model),
                        progress_factory=lambda **kw: session.bar(**kw))
     return session
+
+
+def prune_levels(session: Session, problem: Problem, mode: PruneLevels) -> Problem:
+    """`problem` with every ladder cut to the levels not dominated in (cost, proxy error), or to
+    their lower convex hull (planner/levels/prune.py). Prune last, after a --target restriction or
+    tie fusing: it judges each unit as the search will see it. The proxy errors tr(dW H dW^T) are
+    computed once per levels DB and cached next to it (`planner sensitivity --score proxy`)."""
+    if mode is PruneLevels.NONE:
+        return problem
+    from planner.levels.prune import prune
+    from planner.sensitivity import Score, SensitivityConfig, session_sensitivity
+
+    errors = session_sensitivity(session, SensitivityConfig(score=Score.PROXY)).rows(problem)
+    pruned = prune(problem, errors, mode)
+    log.info("prune_levels %s: %d of %d (unit, level) pairs kept", mode.value, int(pruned.n_levels.sum()),
+             int(problem.n_levels.sum()))
+    return pruned    # no new budget error: each metric's cheapest level survives; a budget above the least-error plan lets it in
 
 
 class _Progress:
@@ -241,8 +259,9 @@ def finish(session: Session, problem: Problem, run: RunDir, best_x, method: str)
     rows = [r for r in run.results() if r.method == "uniform" and r.error is None]
     wanted: list[tuple[str, tuple[int, ...], str]] = []
     for r in rows:
-        if r.label.startswith("uniform "):
-            level = problem.levels[0][int(r.label.split()[1])]
+        if r.label.startswith("uniform "):     # one level id everywhere, or ladders that differ (pruned, --target)
+            ids = set(problem.decode(r.x).as_dict().values())
+            level = ids.pop() if len(ids) == 1 else f"rung {r.label.split()[1]}"
             wanted.append((f"uniform {level}", tuple(r.x), "uniform"))
     mixes = [r for r in rows if r.label.startswith("mix ")]
     if mixes:

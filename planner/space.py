@@ -29,6 +29,12 @@ planner/levels/sparse.py, `joint` in joint.py, `drop` in drop.py). Optional keys
         levels: [{method: gptq, bits: [4, 8], group_size: 128}]
     calibration:
       sequential: gptq-b4-g128           # block i's Hessians see blocks < i at this level
+    prune_levels: dominated              # none (default) | dominated | hull: before a search, cut
+                                         # each unit's ladder to the levels no other level beats
+                                         # on both cost and proxy error tr(dW H dW^T), so one rung
+                                         # up always costs more and errs less (planner/levels/prune.py;
+                                         # hull: the lower convex hull of those). Ladders only: the
+                                         # levels DB is the same, and `search --prune-levels` overrides it
 """
 
 from __future__ import annotations
@@ -110,6 +116,12 @@ class Tie(str, enum.Enum):
     EXPERT = "expert"        # the matrices of one MoE expert share one level id (MC-MoE's bitwidth per expert)
 
 
+class PruneLevels(str, enum.Enum):
+    NONE = "none"              # every level of the space in every ladder
+    DOMINATED = "dominated"    # drop a level when another costs no more and errs no more
+    HULL = "hull"              # also drop levels above the lower convex hull of (cost, error)
+
+
 @dataclass(frozen=True)
 class Override:
     """Levels for the units of some kinds and/or blocks (an empty selector matches everything)."""
@@ -136,6 +148,8 @@ class SearchSpace:
     tie: Tie = Tie.NONE
     overrides: tuple[Override, ...] = ()
     sequential: str | None = None    # level id the calibration prefix takes (None: calibrate on the base model)
+    # which levels a search sees of each ladder; not in to_json: the levels DB (keyed by it) is the same
+    prune_levels: PruneLevels = PruneLevels.NONE
 
     def levels_for(self, unit) -> tuple:
         """The level specs of one unit: the first matching override's, else the default levels."""
@@ -178,7 +192,7 @@ def _need(cond: bool, where: str, msg: str) -> None:
         raise BadSearchSpace(f"{where}: {msg}")
 
 
-_TOP_KEYS = ("name", "description", "units", "tie", "levels", "overrides", "calibration", "gptq")
+_TOP_KEYS = ("name", "description", "units", "tie", "levels", "overrides", "calibration", "gptq", "prune_levels")
 
 
 def _families(families, where: str, key: str = "levels") -> tuple:
@@ -239,5 +253,8 @@ def parse_space(data, default_name: str = "space", where: str = "search space") 
     damp, block = gptq.get("damp", 0.01), gptq.get("block_size", 128)
     _need(isinstance(damp, (int, float)) and 0 < damp < 1, where, "gptq.damp must be in (0, 1)")
     _need(isinstance(block, int) and block > 0, where, "gptq.block_size must be a positive integer")
+    prune = data.get("prune_levels", "none")
+    _need(prune in {p.value for p in PruneLevels}, where,
+          f"prune_levels must be one of {', '.join(p.value for p in PruneLevels)}, got {prune!r}")
     return SearchSpace(str(data.get("name", default_name)), str(data.get("description", "")), tuple(specs),
-                       float(damp), int(block), Grouping(units), Tie(tie), overrides, seq)
+                       float(damp), int(block), Grouping(units), Tie(tie), overrides, seq, PruneLevels(prune))

@@ -181,17 +181,22 @@ class Restriction:
     tied: tuple[tuple[int, ...], ...]       # groups of unit indices that must take the same level id
 
     def problem(self) -> Problem:
-        """`base` with every ladder cut to its allowed levels (plans decode to the same level ids)."""
+        """`base` with every ladder cut to its allowed levels (plans decode to the same level ids).
+        Every per-(unit, level) table is cut alike (costs, kept weights, hardware costs) and the
+        rest is kept as is (ties, a fused unit's members), so any problem can be cut."""
         p = self.base
         width = max(len(a) for a in self.allowed)
-        code = np.full((p.n_units, width), np.nan)
-        stored = np.full((p.n_units, width), np.nan)
-        for u, a in enumerate(self.allowed):
-            code[u, :len(a)] = p.code_bits[u, list(a)]
-            stored[u, :len(a)] = p.stored_bits[u, list(a)]
+
+        def cut(table: np.ndarray) -> np.ndarray:
+            out = np.full((p.n_units, width), np.nan)
+            for u, a in enumerate(self.allowed):
+                out[u, :len(a)] = table[u, list(a)]
+            return out
+
         levels = tuple(tuple(p.levels[u][j] for j in a) for u, a in enumerate(self.allowed))
-        return Problem(units=p.units, numel=p.numel, levels=levels, code_bits=code, stored_bits=stored,
-                       budget=p.budget, kinds=p.kinds, blocks=p.blocks)
+        return dataclasses.replace(p, levels=levels, code_bits=cut(p.code_bits), stored_bits=cut(p.stored_bits),
+                                   kept=None if p.kept is None else cut(p.kept), _index={},
+                                   hardware={m: dataclasses.replace(h, table=cut(h.table)) for m, h in p.hardware.items()})
 
 
 def restrict_space(problem: Problem, target: Target,
