@@ -9,15 +9,21 @@ from planner.budget import parse_budget
 from planner.search.operators import level_switch
 
 
-def test_cached_equals_uncached_bit_exact(tiny_sessions, one_thread):
+def _offspring_and_full_scores(tiny_sessions, seed: int, window_seed: int):
+    """fp32 evaluator, six one-switch offspring of an all-level-1 parent plus the parent, their
+    windows, and every plan's full-forward scores (the reference the cache must reproduce)."""
     session = tiny_sessions("fp32")
     problem = session.problem(parse_budget("3.0bits"))
     ev = session.evaluator(problem)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     parent = np.full(problem.n_units, 1)
     xs = [tuple(int(v) for v in level_switch(parent, problem, rng, 1)) for _ in range(6)] + [tuple(parent)]
-    windows = session.windows.draw(256, 3)
-    full = [ev.score(problem.decode(x), windows) for x in xs]
+    windows = session.windows.draw(256, window_seed)
+    return session, ev, xs, windows, [ev.score(problem.decode(x), windows) for x in xs]
+
+
+def test_cached_equals_uncached_bit_exact(tiny_sessions, one_thread):
+    _, ev, xs, windows, full = _offspring_and_full_scores(tiny_sessions, 0, 3)
     before = ev.blocks_run
     cached = ev.score_many(xs, windows)
     assert [s.kl for s in cached] == [s.kl for s in full]
@@ -27,19 +33,11 @@ def test_cached_equals_uncached_bit_exact(tiny_sessions, one_thread):
     assert ev.blocks_run - before <= (len(xs) + 1) * ev.n_blocks * batches
 
 
-
 @pytest.mark.parametrize("every", [2, 1000])
 def test_checkpoints_every_k_blocks_stay_bit_exact(tiny_sessions, one_thread, every):
     """A cache too small for every block's input keeps every k-th (checkpoints); plans resume from
     the checkpoint at or before their first changed block, and the fitness does not move a bit."""
-    session = tiny_sessions("fp32")
-    problem = session.problem(parse_budget("3.0bits"))
-    ev = session.evaluator(problem)
-    rng = np.random.default_rng(1)
-    parent = np.full(problem.n_units, 1)
-    xs = [tuple(int(v) for v in level_switch(parent, problem, rng, 1)) for _ in range(6)] + [tuple(parent)]
-    windows = session.windows.draw(256, 5)
-    full = [ev.score(problem.decode(x), windows) for x in xs]
+    session, ev, xs, windows, full = _offspring_and_full_scores(tiny_sessions, 1, 5)
     per_block = len(windows) * session.windows.seqlen * ev.model.config.hidden_size * 4
     ev.prefix_cache_bytes = per_block * ev.n_blocks / every
     assert ev._checkpoint_stride(windows, ev.n_blocks) >= every     # the tiny model: only block 0 kept
