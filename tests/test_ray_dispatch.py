@@ -1,10 +1,13 @@
 """The scheduling layer without Ray: task grids cover every (candidate, window) once, cut windows
 below a batch when a group has few candidates and candidates (by first differing block) when it has
-few windows; per-window sums fold exactly as the in-process evaluator adds them; the dispatcher
-retries a dead worker's task, retires a worker that keeps dying and gives up a task that kills every
-worker; a worker (run in-process) with a weight cache far smaller than the levels, on batches cut
-anywhere, gives the in-process numbers; and, with simulated (sleeping) workers, EvoPress's paper
-schedule keeps >= 90% of linear speed-up up to 16 workers (what 32 allow: docs/scale.md)."""
+few windows, with one producer of each shared window's reference, dispatched first; per-window sums
+fold exactly as the in-process evaluator adds them; the dispatcher retries a dead worker's task,
+retires a worker that keeps dying and gives up a task that kills every worker; a worker (run
+in-process) with a weight cache far smaller than the levels, on batches cut anywhere, gives the
+in-process numbers, and so does one whose references come from another worker's hidden states
+(fp32 and bf16: the same reference tensors, bit for bit) or, when that worker died, are made
+mid-plan; and, with simulated (sleeping) workers and shared references, EvoPress's paper schedule
+and a wide workload keep >= 90% of linear speed-up up to 32 workers (docs/scale.md)."""
 
 from __future__ import annotations
 
@@ -14,10 +17,12 @@ import numpy as np
 import pytest
 
 from planner.distributed.dispatch import Dispatcher, Done, WorkerLost, WorkersLost
+from planner.distributed.references import ReferenceTable
 from planner.distributed.simulate import SCHEDULES, Stage, offspring, simulate
 from planner.distributed.tasks import CostModel, fold, lpt_order, split
 
 COST = CostModel(np.repeat(np.arange(8), 7), 8, 2.0)
+SHARED = CostModel(np.repeat(np.arange(8), 7), 8, 2.0, publish=0.1, fetch=0.3)
 
 
 @pytest.mark.parametrize("K,N,W", [(1, 1, 1), (7, 1, 2), (7, 3, 2), (3, 9, 4), (17, 8, 8), (5, 64, 32), (40, 1, 32),
@@ -31,6 +36,36 @@ def test_split_covers_the_grid_once(K, N, W):
     if W == 1:
         assert len(tasks) == 1                  # one worker: the in-process grouping
     assert sorted(lpt_order(tasks)) == list(range(len(tasks)))
+
+
+@pytest.mark.parametrize("K,N,W", [(40, 1, 8), (16, 8, 32), (5, 64, 32), (128, 1, 32)])
+def test_each_shared_window_has_one_producer_dispatched_first(K, N, W):
+    X = offspring(np.random.default_rng(K), 56, K)
+    tasks = split(0, X, N, W, SHARED)
+    cover: dict[int, list] = {}
+    for t in tasks:
+        for w in t.windows:
+            cover.setdefault(w, []).append(t)
+    for ts in cover.values():          # a window scored by several chunks: exactly one makes its reference
+        assert sum(t.produces for t in ts) == (len(ts) > 1)
+    order = lpt_order(tasks)
+    n = sum(t.produces for t in tasks)
+    assert all(tasks[i].produces for i in order[:n])
+    if n:       # the producer's chunk is cut smaller: it also makes the reference
+        one = [t for t in tasks if t.windows == tasks[order[0]].windows]
+        assert len(tasks[order[0]].members) <= min(len(t.members) for t in one if not t.produces)
+    assert not any(t.produces for t in split(0, X, N, W, COST))      # not shared: every task makes its own
+
+
+def test_reference_table_is_a_bounded_lru_and_forgets_a_dead_producer():
+    table = ReferenceTable(2)
+    table.add([1, 2], ["a", "b"])
+    assert table.known([2, 1, 9]) == {2: "b", 1: "a"}       # 1 used last
+    table.add([3], ["c"])                                   # evicts 2, the least recently used
+    assert table.known([1, 2, 3]) == {1: "a", 3: "c"}
+    table.add([1], ["a2"])                                  # a retried producer published again
+    table.forget([1, 3], ["a", "c"])                        # the dead one's handle for 1 is stale: kept
+    assert table.known([1, 3]) == {1: "a2"}
 
 
 def test_split_cuts_windows_below_a_batch_and_candidates_by_first_block():
@@ -119,14 +154,25 @@ def test_evo_schedules():
 
 
 @pytest.mark.parametrize("workers", [2, 4, 8, 16, 32])
-def test_simulated_paper_schedule_keeps_90_percent_up_to_16_workers(workers):
-    """EvoPress's paper schedule on sleeping workers, every task charged the reference and anchor
-    passes of its windows: >= 90% of linear speed-up over one in-process worker up to 16 workers.
-    At 32 every worker must compute a reference for its window (32 instead of 1 in the first stage,
-    8 in the second): ~0.85 is what the grid allows (docs/scale.md)."""
+def test_simulated_paper_schedule_keeps_90_percent_up_to_32_workers(workers):
+    """EvoPress's paper schedule on sleeping workers (Llama-3-8B on H100s), each window's reference
+    made once and fetched by the other tasks on it (measured object-store times, the network, the
+    head), consumers waiting for their producers, every task charged its anchor pass: the task grid
+    allows >= 90% of linear speed-up over one in-process worker up to 32 workers, and the measured
+    wall (dispatch, waits, this loaded machine's thread jitter) keeps it within 2%. At 32 the grid's
+    ceiling is ~0.91: the first stage, 128 plans of about one forward each on one window, cannot be
+    cut into 32 equal runs of plans (docs/scale.md)."""
     r = simulate(SCHEDULES["paper"], workers, unit_s=0.0025 * workers)     # ~1.6 s of wall each
-    assert r.dispatch >= 0.9, r
-    assert r.overall >= {2: 0.95, 4: 0.95, 8: 0.93, 16: 0.9, 32: 0.8}[workers], r
+    assert r.granularity >= 0.9 and r.dispatch >= 0.9, r
+    assert r.overall >= {2: 0.95, 4: 0.95, 8: 0.93, 16: 0.92, 32: 0.88}[workers], r
+
+
+def test_shared_references_lift_the_32_worker_grid():
+    """Against every task making the references of its windows (32 reference forwards instead of 1
+    in the first stage), sharing them lifts the paper schedule's grid at 32 workers by > 5 points."""
+    shared = simulate(SCHEDULES["paper"], 32, sleep=False)
+    alone = simulate(SCHEDULES["paper"], 32, shipping=None, sleep=False)
+    assert shared.granularity >= 0.9 and shared.granularity - alone.granularity > 0.05, (shared, alone)
 
 
 @pytest.mark.parametrize("workers", [16, 32])
@@ -166,6 +212,59 @@ def test_worker_on_windows_cut_anywhere_gives_the_in_process_sums(tiny_sessions,
     got = [fold(sums[:, i], session.windows.seqlen, 4) for i in range(len(xs))]
     assert got == want
     assert worker.db.nbytes <= 2e5 + 128 * 64 * 4 and worker.db.misses > problem.n_units   # it evicted
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_references_from_another_workers_hidden_states_are_bit_identical(tiny_sessions, one_thread, dtype,
+                                                                         monkeypatch):
+    """One worker publishes the base model's final hidden states of some windows (references.py); a
+    second worker, handed them, makes each reference with the head alone: the same tensors as the
+    in-process evaluator's references, bit for bit, and the same sums. A handle whose producer died
+    (_fetch gives None) is made on the consumer in the middle of a plan: same sums again."""
+    import torch
+
+    from planner.budget import parse_budget
+    from planner.distributed import worker as worker_mod
+    from planner.distributed.ray_executor import RayExecutor
+    from planner.distributed.tasks import Task
+    from planner.distributed.worker import EvalWorker, Work, WorkerSpec
+    from planner.search.operators import level_switch
+
+    session = tiny_sessions(dtype)
+    problem = session.problem(parse_budget("3.0bits"))
+    spec = WorkerSpec(model=str(session.loaded.source), db_path=str(session.db.path), windows=session.windows,
+                      dtype=dtype)
+    producer, consumer = EvalWorker(spec), EvalWorker(spec)
+    rng = np.random.default_rng(4)
+    parent = np.full(problem.n_units, 1)
+    xs = tuple(tuple(int(v) for v in level_switch(parent, problem, rng, 2)) for _ in range(4))
+    windows = session.windows.draw(384, 6)                   # 6 windows: in-process batches 0-3, 4-5
+    states = producer.reference("k", problem, windows[:5])   # the producer keeps window 5 for itself
+    assert len(states) == 5 and states[0].dtype == np.uint8
+    inproc = session.evaluator(problem)
+    want = inproc.score_many(list(xs), windows)
+    dead = object()
+    monkeypatch.setattr(worker_mod, "_fetch", lambda h: None if h is dead else h)
+    shared = tuple(zip((int(w) for w in windows[:5]), states, strict=True))
+    shared = shared[:4] + ((int(windows[4]), dead),)          # window 4's producer died
+    sums = np.full((len(windows), len(xs), 2), np.nan)
+    counts = []
+    for start, stop in ((0, 2), (2, 6)):
+        batches = RayExecutor._batches(windows, Task(0, (), start, stop, 1.0))
+        out = consumer.run("k", problem, Work(xs, batches, shared=shared)).output
+        assert not out.errors
+        sums[start:stop] = out.sums
+        counts.append((out.made, out.fetched))
+    assert counts == [(0, 2), (2, 2)]       # windows 4 (its producer died) and 5 (no producer) made here
+    got = [fold(sums[:, i], session.windows.seqlen, 4) for i in range(len(xs))]
+    assert got == want
+    ev = consumer._ev
+    for w in windows[:4]:        # made from the shipped states: the in-process reference exactly
+        mine, theirs = ev._ref[int(w)], inproc._ref[int(w)]
+        assert torch.equal(mine.p, theirs.p) and mine.p_log_p == theirs.p_log_p
+    assert ev.shared.fetch == {} and ev._plan is None
+    out = consumer.run("k", problem, Work(xs[:2], (windows[:2],))).output
+    assert (out.made, out.fetched) == (0, 0)        # kept from the last tasks
 
 
 def test_ray_backend_counts_an_oom_kill_as_a_lost_worker():

@@ -40,6 +40,10 @@ class ClusterSpec:
     # tasks on whole window batches only: for kernels whose numbers depend on the batch a window is
     # in (results stay bit-identical to in-process there); costs efficiency at 16+ workers
     whole_batches: bool = False
+    # base-model hidden states kept in the object store to share references (the driver's LRU of
+    # ObjectRefs, in bytes: 2 GB is ~120 windows of 2048 tokens of Llama-3-8B in bf16); 0: every
+    # task makes the references of its windows itself
+    reference_bytes: float = 2e9
     start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:

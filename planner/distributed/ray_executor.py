@@ -3,19 +3,25 @@
 
 Candidates are grouped by fidelity, as in-process; each group is cut into tasks (tasks.split:
 chunks of candidates on runs of windows, down to one window, whichever grid the cost model says
-finishes first); the dispatcher hands tasks to idle actors longest first and takes them back in
-completion order; results come back in candidate order, bit-identical to the in-process
-evaluator's (per-window sums added up in its order).
+finishes first); the dispatcher hands tasks to idle actors, producers of shared references first,
+then longest first, and takes them back in completion order; results come back in candidate
+order, bit-identical to the in-process evaluator's (per-window sums added up in its order).
+
+A window's reference is made once per cluster (references.py): the backend sends a producer's
+actor a `reference` call just before its task, keeps one ObjectRef per window in a bounded table,
+and hands those refs to every later task on the window (in this call or a later one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import Counter
 
 import numpy as np
 
 from planner.distributed.dispatch import WorkerLost
+from planner.distributed.references import ReferenceTable
 from planner.distributed.tasks import CostModel, Task, fold, lpt_order, split
 from planner.distributed.worker import Output, Work, WorkerSpec
 from planner.errors import PlannerError
@@ -28,11 +34,24 @@ BATCH_WINDOWS = 4
 
 
 class RayBackend:
-    def __init__(self, ray, actors: list, key: str, problem_ref):
+    def __init__(self, ray, actors: list, key: str, problem_ref, references: ReferenceTable | None = None):
         self.ray, self.actors, self.key, self.problem_ref = ray, actors, key, problem_ref
+        self.references = references     # None: every task makes its own references
+        self._published: dict = {}       # future of a producer's task -> (windows, ObjectRefs) it publishes
 
     def submit(self, worker: int, work: Work):
-        return self.actors[worker].run.remote(self.key, self.problem_ref, work)
+        actor = self.actors[worker]
+        if self.references is None:
+            return actor.run.remote(self.key, self.problem_ref, work)
+        shared, make = self.references.roles(work.windows, work.publish)
+        if make:    # runs on the actor before its task (an actor runs its calls in order)
+            refs = actor.reference.options(num_returns=len(make)).remote(self.key, self.problem_ref, np.array(make))
+            refs = [refs] if len(make) == 1 else list(refs)
+            self.references.add(make, refs)
+        future = actor.run.remote(self.key, self.problem_ref, dataclasses.replace(work, shared=tuple(shared.items())))
+        if make:
+            self._published[future] = (make, refs)
+        return future
 
     def wait(self, futures: list) -> list:
         """At least one finished future, and every other one already finished (one round trip)."""
@@ -42,9 +61,12 @@ class RayBackend:
     def result(self, future):
         exc = self.ray.exceptions
         lost = (exc.RayActorError, exc.OutOfMemoryError, exc.WorkerCrashedError, exc.NodeDiedError)
+        published = self._published.pop(future, None)
         try:
             return self.ray.get(future)
         except lost as e:      # died (killed, Ray's memory monitor, its node), or unreachable while it restarts
+            if published is not None:
+                self.references.forget(*published)
             raise WorkerLost(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         except exc.RayTaskError as e:       # the task raised: a typed error is the caller's one line
             if isinstance(e.cause, PlannerError):
@@ -52,12 +74,21 @@ class RayBackend:
             raise
 
 
-def cost_model(session, problem) -> CostModel:
+def cost_model(session, problem, shared: bool = True) -> CostModel:
+    """The grid's cost model; with `shared` references, publishing and fetching one are guessed at
+    a few hundredths of a forward on top of the head (simulate.Shipping derives them from measured
+    object-store times for the scaling tables): they only steer the chunk sizes."""
     cfg = session.loaded.model.config
     n_blocks = int(cfg.num_hidden_layers)
     per_block = problem.total_numel / max(n_blocks, 1)
-    return CostModel(np.asarray(problem.blocks or [0] * problem.n_units), n_blocks,
-                     cfg.vocab_size * cfg.hidden_size / per_block, batch_windows=BATCH_WINDOWS)
+    head = cfg.vocab_size * cfg.hidden_size / per_block
+    return CostModel(np.asarray(problem.blocks or [0] * problem.n_units), n_blocks, head, batch_windows=BATCH_WINDOWS,
+                     publish=0.02 if shared else 0.0, fetch=head / (n_blocks + head) + 0.05 if shared else None)
+
+
+def state_bytes(session) -> int:
+    """A window's final hidden states in the evaluation dtype: what a shared reference ships."""
+    return session.windows.seqlen * session.loaded.model.config.hidden_size * (2 if session.spec.dtype == "bf16" else 4)
 
 
 class RayExecutor:
@@ -70,11 +101,13 @@ class RayExecutor:
                                           threads=cluster.spec.threads, trust_remote_code=spec.trust_remote_code,
                                           cache_bytes=cluster.spec.cache_bytes))
         self.problem, self.windows, self.cluster = problem, session.windows, cluster
-        self.cost = cost_model(session, problem)
+        cap = int(cluster.spec.reference_bytes // state_bytes(session))
+        self.cost = cost_model(session, problem, shared=cap > 0)
         self.atom = BATCH_WINDOWS if cluster.spec.whole_batches else 1    # windows a task's runs are cut at
-        self.backend = RayBackend(ray, actors, uuid.uuid4().hex, ray.put(problem))
+        self.backend = RayBackend(ray, actors, uuid.uuid4().hex, ray.put(problem), ReferenceTable(cap) if cap > 0 else None)
         self.on_scored = None      # called once per finished candidate (progress bars)
         self.evaluations = 0
+        self.reference_counts = Counter()    # made: base-model forwards on the workers; fetched: from published states
 
     @property
     def dispatcher(self):
@@ -88,6 +121,11 @@ class RayExecutor:
         """A task's windows as forward batches, cut where the in-process evaluator's batches end."""
         edges = sorted({t.start, t.stop, *range((t.start // BATCH_WINDOWS + 1) * BATCH_WINDOWS, t.stop, BATCH_WINDOWS)})
         return tuple(windows[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True))
+
+    def _count(self, outputs: dict) -> None:
+        for out in outputs.values():
+            if not isinstance(out, WorkerLost):
+                self.reference_counts.update(made=out.made, fetched=out.fetched)
 
     def _scored(self) -> None:
         self.evaluations += 1
@@ -104,7 +142,8 @@ class RayExecutor:
         X = [np.array([candidates[i].x for i in m]) for m in members]
         n = len(self.dispatcher.live) or 1
         tasks = [t for g in range(len(members)) for t in split(g, X[g], len(windows[g]), n, self.cost, self.atom)]
-        work = [Work(tuple(tuple(int(v) for v in X[t.group][i]) for i in t.members), self._batches(windows[t.group], t))
+        work = [Work(tuple(tuple(int(v) for v in X[t.group][i]) for i in t.members), self._batches(windows[t.group], t),
+                     publish=tuple(int(w) for w in windows[t.group][t.start:t.stop]) if t.produces else ())
                 for t in tasks]
         left = Counter((t.group, i) for t in tasks for i in t.members)   # tasks a candidate still waits for
 
@@ -115,6 +154,7 @@ class RayExecutor:
                     self._scored()
 
         outputs = self.dispatcher.run(self.backend, work, lpt_order(tasks), done)
+        self._count(outputs)
         sums = [np.full((len(w), len(m), 2), np.nan) for w, m in zip(windows, members, strict=True)]
         errors: dict[tuple[int, int], str] = {}
         for k, t in enumerate(tasks):
@@ -135,6 +175,7 @@ class RayExecutor:
         tasks = split(0, None, len(window_idx), len(self.dispatcher.live) or 1, self.cost, self.atom)
         work = [Work(None, self._batches(window_idx, t), plan) for t in tasks]
         outputs = self.dispatcher.run(self.backend, work, lpt_order(tasks))
+        self._count(outputs)
         sums = np.full((len(window_idx), 1, 2), np.nan)
         errors: dict[tuple[int, int], str] = {}
         for k, t in enumerate(tasks):

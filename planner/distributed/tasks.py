@@ -5,8 +5,11 @@ in batches of `batch_windows` windows. A fidelity group is therefore a grid, can
 and a task is one rectangle of it: a chunk of candidates on a run of consecutive windows.
 
 What a task costs (CostModel, in full forwards of one window), per window of its run:
-- the base model's reference distribution (one full forward), by every task on that window: a
-  worker keeps the references it made, but a task cannot count on landing where one was made;
+- the base model's reference distribution: one full forward, made once per window. Where several
+  chunks share a window, the first chunk's task is its *producer*: it makes the reference and
+  publishes the base model's final hidden states (references.py), and the other chunks' tasks
+  fetch them and apply only the head (`fetch`: the object store's get, the transfer, the head).
+  Without sharing (`fetch` None) every task on a window makes the reference;
 - the anchor's pass (the chunk's per-unit majority plan, whose block inputs the prefix cache
   keeps) when two or more plans share it, then every plan's suffix from its first differing block;
 and per forward *call* (one per batch the run touches, for the reference, the anchor and each plan)
@@ -14,7 +17,9 @@ a fixed cost, plus a fixed cost per task (a round trip, a result, swapping weigh
 
 So splitting the *windows* of a chunk is nearly free: the reference and anchor are per window
 either way; a piece smaller than a batch costs only its smaller forward calls. Splitting the
-*candidates* costs a reference and an anchor pass per extra chunk per window. Both are needed for
+*candidates* costs a fetched reference and an anchor pass per extra chunk per window; the
+producer's chunk is cut smaller by the reference it makes, and producers are dispatched first so
+that their references are ready when the consumers' first KL needs them. Both are needed for
 enough, even tasks: EvoPress's first stage is 128 plans on one window (candidates only), its last
 5 plans on 64 windows (windows only). `split()` tries every grid up to a few tasks per worker and
 keeps the one with the shortest longest-first makespan, preferring fewer tasks on ties.
@@ -42,9 +47,11 @@ class CostModel:
     n_blocks: int
     head_blocks: float = 0.0  # lm_head + log-softmax, in units of one decoder block
     batch_windows: int = 4    # the in-process evaluator's batch
-    reference: float = 1.0    # the base model's distribution on a window: 0 where references are cached
+    reference: float = 1.0    # making a window's reference: one full forward of the base model
     call: float = 0.02        # one forward call (launches, Python) on top of its FLOPs
     task: float = 0.02        # one task (round trip, result, weight swaps)
+    publish: float = 0.0      # the producer publishing a window's hidden states (the object store's put)
+    fetch: float | None = None   # another task taking them (get, transfer, the head); None: not shared
 
     @property
     def full(self) -> float:
@@ -74,14 +81,23 @@ class CostModel:
         first = self.firsts(X)
         return self.anchor(first) + float(self.suffixes(first).sum())
 
+    def refs(self, chunks: int, chunk: int) -> float:
+        """Per window, the reference cost of the task of chunk `chunk` of `chunks` on the same windows:
+        chunk 0 makes (and, shared, publishes) it, the others fetch it when it is shared."""
+        if self.fetch is None or chunks < 2:
+            return self.reference
+        return self.reference + self.publish if chunk == 0 else self.fetch
+
     def batches(self, start: int, stop: int) -> int:
         """In-process batches that windows start..stop-1 touch: a worker's forward calls per plan."""
         return (stop - 1) // self.batch_windows - start // self.batch_windows + 1
 
-    def run(self, per_window: float, n_plans: int, start: int, stop: int) -> float:
-        """Plans costing `per_window` (`plans()`) on windows start..stop-1, without a task's fixed cost."""
+    def run(self, per_window: float, n_plans: int, start: int, stop: int, reference: float | None = None) -> float:
+        """Plans costing `per_window` (`plans()`) on windows start..stop-1, each window's reference
+        costing `reference` (`refs()`; default: made here), without a task's fixed cost."""
         calls = self.batches(start, stop) * (1 + n_plans + (n_plans >= 2))
-        return (stop - start) * (self.reference + per_window) + calls * self.call
+        ref = self.reference if reference is None else reference
+        return (stop - start) * (ref + per_window) + calls * self.call
 
     def inprocess(self, X: np.ndarray, n_windows: int) -> float:
         """The in-process evaluator's cost of a whole group (one worker, no task overhead)."""
@@ -95,6 +111,7 @@ class Task:
     start: int                 # windows start..stop-1 of the group (positions in its window list)
     stop: int
     cost: float                # estimated, in full forwards of one window
+    produces: bool = False     # makes and publishes its windows' references for the other chunks on them
 
     @property
     def windows(self) -> range:
@@ -104,10 +121,13 @@ class Task:
 def _chunks(first: np.ndarray, parts: int, cost: CostModel) -> list[list[int]]:
     """Candidates cut into at most `parts` chunks of about equal cost, each a run of the candidates
     sorted by first differing block: a chunk that leaves the anchor early then pays a short anchor
-    pass (the evaluator runs it only as deep as its plans need). Bisection on the largest chunk."""
+    pass (the evaluator runs it only as deep as its plans need). The first chunk also carries what
+    making the references costs more than fetching them (it is their producer when they are shared).
+    Bisection on the largest chunk."""
     order = [int(i) for i in np.argsort(first, kind="stable")]
     suffix = (cost.suffixes(first) + cost.call).tolist()      # a plan's suffix and its forward call
     anchor = [cost.anchor(first[i:i + 1]) for i in range(len(first))]   # a run's anchor: its last plan's
+    lead = cost.refs(parts, 0) - cost.refs(parts, 1)
 
     def cut(limit: float) -> list[list[int]]:
         out: list[list[int]] = []
@@ -117,11 +137,11 @@ def _chunks(first: np.ndarray, parts: int, cost: CostModel) -> list[list[int]]:
                 out[-1].append(i)
                 load += suffix[i]
                 continue
+            load = suffix[i] + (lead if not out else 0.0)
             out.append([i])
-            load = suffix[i]
         return out
 
-    lo, hi = 0.0, anchor[order[-1]] + sum(suffix) + 1e-9
+    lo, hi = 0.0, anchor[order[-1]] + sum(suffix) + lead + 1e-9
     for _ in range(30):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if len(cut(mid)) <= parts else (mid, hi)
@@ -158,8 +178,10 @@ def split(group: int, X: np.ndarray | None, n_windows: int, workers: int, cost: 
             runs = _runs(n_windows, p, atom)
             if len(runs) < p:           # no more windows to cut
                 break
-            tasks = [Task(group, m, a, b, cost.run(pw, len(m), a, b) + cost.task)
-                     for m, pw in zip(members, per_window, strict=True) for a, b in runs]
+            refs = [cost.refs(len(members), c) for c in range(len(members))]
+            tasks = [Task(group, m, a, b, cost.run(pw, len(m), a, b, ref) + cost.task,
+                          produces=c == 0 and len(members) > 1 and cost.fetch is not None)
+                     for c, (m, pw, ref) in enumerate(zip(members, per_window, refs, strict=True)) for a, b in runs]
             costs = [t.cost for t in tasks]
             if best is not None and max(max(costs), sum(costs) / workers) > best[0]:
                 continue                # its lower bound is already worse
@@ -170,8 +192,10 @@ def split(group: int, X: np.ndarray | None, n_windows: int, workers: int, cost: 
 
 
 def lpt_order(tasks: list[Task]) -> list[int]:
-    """Longest task first: greedy list scheduling on idle workers then ends within 4/3 of optimal."""
-    return sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)
+    """Producers first (their references are ready sooner, and a consumer is never handed out before
+    the producer of its windows), then longest first: greedy list scheduling on idle workers ends
+    within 4/3 of optimal."""
+    return sorted(range(len(tasks)), key=lambda i: (not tasks[i].produces, -tasks[i].cost))
 
 
 def fold(window_sums: np.ndarray, seqlen: int, batch_windows: int):

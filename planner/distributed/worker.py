@@ -7,6 +7,12 @@ path (a folder of per-unit safetensors files). A task is a chunk of candidates o
 sent as forward batches that each lie inside one of the in-process evaluator's batches; the worker
 scores one batch at a time and returns every window's KL and NLL sums, which the driver adds up
 (tasks.fold) exactly as the in-process evaluator does.
+
+References (references.py): a task that produces its windows' references is preceded, on the same
+actor, by a `reference` call that makes them and returns each window's base-model hidden states
+as its own object; a task that consumes them gets those objects' refs in `Work.shared` and turns
+each into a reference with the head when its first KL needs it (its anchor pass and first plan run
+meanwhile). If the producer died, the consumer makes the reference itself: same numbers either way.
 """
 
 from __future__ import annotations
@@ -15,14 +21,18 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from planner.data.windows import Windows
 from planner.distributed.dispatch import Done
+from planner.distributed.references import PendingReference, from_wire, reference_nbytes, to_wire
 from planner.evaluate.evaluator import InProcessEvaluator
+from planner.evaluate.kl import Reference, reference
 from planner.levels.db import LevelsDB
 from planner.model.load import load_model
 from planner.plan import Plan
@@ -46,27 +56,103 @@ class WorkerSpec:
 @dataclass(frozen=True)
 class Work:
     """One task: `xs` (level vectors) on `batches` (window indices, one array per forward batch, each
-    within one in-process batch); with `xs` None, the single `plan` (None: the base model) instead."""
+    within one in-process batch); with `xs` None, the single `plan` (None: the base model) instead.
+    `publish`: windows whose references this task makes for others (the driver's backend sends the
+    `reference` call first); `shared`: (window, ObjectRef) of references made elsewhere."""
 
     xs: tuple[tuple[int, ...], ...] | None
     batches: tuple[np.ndarray, ...]
     plan: Plan | None = None
+    publish: tuple[int, ...] = ()
+    shared: tuple[tuple[int, object], ...] = ()
+
+    @property
+    def windows(self) -> list[int]:
+        return [int(w) for idx in self.batches for w in idx]
 
 
 @dataclass(frozen=True)
 class Output:
     sums: np.ndarray            # [windows, plans, 2]: KL and NLL sums; nan where a plan failed
     errors: dict[int, str]      # plan position -> error text
+    made: int = 0               # references made by a base-model forward on this worker (since its last task)
+    fetched: int = 0            # references made from hidden states another worker published
+
+
+class _Shared:
+    """The evaluator's reference source on a worker: `fetch` (window -> ObjectRef, or the array itself)
+    holds the current task's references made elsewhere, handed out pending; while `publish` is a
+    dict, the hidden states of the references made here are collected into it."""
+
+    def __init__(self, ev: _WindowSums):
+        self.ev = ev
+        self.fetch: dict[int, object] = {}
+        self.publish: dict[int, np.ndarray] | None = None
+        self.n_made = self.n_fetched = 0     # since the worker's last report
+
+    def get(self, window: int) -> PendingReference | None:
+        handle = self.fetch.pop(window, None)
+        return None if handle is None else PendingReference(partial(self.ev.resolve, window, handle), self.ev.ref_nbytes)
+
+    def made(self, window: int, hidden: torch.Tensor) -> None:
+        self.n_made += 1
+        if self.publish is not None:
+            self.publish[window] = to_wire(hidden)
 
 
 class _WindowSums(InProcessEvaluator):
     """The in-process evaluator, keeping each window's KL and NLL sums (`scored`: one list per batch
     a plan was scored on, in order), so the driver can add up windows scored on different workers
-    in the in-process order."""
+    in the in-process order; its references can come from other workers (`shared`)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        self.shared = _Shared(self)
+        self._plan: Plan | None = None     # the plan applied now (a reference resolved mid-plan needs the base)
+        super().__init__(*args, references=self.shared, **kwargs)
         self.scored: list[list[tuple[float, float]]] = []
+        self.ref_nbytes = reference_nbytes(self.windows.seqlen, self.model.get_output_embeddings().weight.shape[0],
+                                           self.kl_topk)
+
+    def apply(self, plan: Plan | None) -> None:
+        super().apply(plan)
+        self._plan = plan
+
+    @contextmanager
+    def _base_weights(self):
+        plan = self._plan
+        if plan is not None:
+            self.apply(None)
+        try:
+            yield
+        finally:
+            if plan is not None:
+                self.apply(plan)
+
+    @torch.no_grad()
+    def resolve(self, window: int, handle) -> Reference:
+        """A shared window's reference: its published hidden states through the base model's head
+        (the in-process evaluator's kernels on the same bits); made here if its producer failed."""
+        data = _fetch(handle)
+        with self._base_weights():
+            if data is None:
+                self.shared.n_made += 1
+                hidden = self._hidden(np.array([window]))[0]
+            else:
+                self.shared.n_fetched += 1
+                hidden = from_wire(data, self.dtype, self.windows.ids.device)
+            return reference(self.model.get_output_embeddings()(hidden), self.kl_topk)
+
+    def publish(self, windows: np.ndarray) -> list[np.ndarray]:
+        """The base model's final hidden states of `windows`, each window's reference made here on the
+        way (again if this worker had it: the states are kept only while being published)."""
+        for w in windows:
+            self._ref.pop(int(w), None)
+        self.shared.publish = {}
+        try:
+            self._reference(windows)
+            return [self.shared.publish[int(w)] for w in windows]
+        finally:
+            self.shared.publish = None
 
     def _window_scores(self, idx: np.ndarray, hidden: torch.Tensor) -> tuple[float, float]:
         per = []
@@ -126,6 +212,7 @@ class EvalWorker:
         self.windows = Windows(w.ids.to(self.device, copy=True), w.calib, w.heldout, w.pool)
         self._key: str | None = None
         self._ev: _WindowSums | None = None
+        self._reference_s = 0.0     # time spent in `reference` calls, reported with the next task
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node": socket.gethostname(), "device": str(self.device),
@@ -138,6 +225,15 @@ class EvalWorker:
             self._key = key
         return self._ev
 
+    def reference(self, key: str, problem: Problem, windows: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """The references of `windows`, made here for the task that follows on this actor, and their
+        hidden states for the other tasks on those windows: one object per window (the caller sets
+        Ray's `num_returns` to the number of windows), so a consumer fetches only its own."""
+        t0 = time.perf_counter()
+        out = self._evaluator(key, problem).publish(np.array(windows))
+        self._reference_s += time.perf_counter() - t0
+        return out[0] if len(out) == 1 else tuple(out)
+
     def run(self, key: str, problem: Problem, work: Work) -> Done:
         t0 = time.perf_counter()
         ev = self._evaluator(key, problem)
@@ -145,20 +241,39 @@ class EvalWorker:
         sums = np.full((sum(len(idx) for idx in work.batches), n, 2), np.nan)
         errors: dict[int, str] = {}
         row = 0
-        for idx in work.batches:
-            idx = np.array(idx)        # writable: arrays from the object store are read-only
-            if work.xs is None:     # a single plan (held-out, `planner eval`): errors are the caller's
-                ev.scored.clear()
-                ev.score(work.plan, idx)
-                per_plan = list(ev.scored)
-            else:
-                per_plan = _score_many(ev, work.xs, idx, errors)
-            for i, per in enumerate(per_plan):
-                if per is not None:
-                    sums[row:row + len(idx), i] = per
-            row += len(idx)
-        tokens = len(sums) * ev.windows.seqlen * n
-        return Done(Output(sums, errors), time.perf_counter() - t0, tokens, os.getpid())
+        ev.shared.fetch = dict(work.shared)
+        try:
+            for idx in work.batches:
+                idx = np.array(idx)        # writable: arrays from the object store are read-only
+                if work.xs is None:     # a single plan (held-out, `planner eval`): errors are the caller's
+                    ev.scored.clear()
+                    ev.score(work.plan, idx)
+                    per_plan = list(ev.scored)
+                else:
+                    per_plan = _score_many(ev, work.xs, idx, errors)
+                for i, per in enumerate(per_plan):
+                    if per is not None:
+                        sums[row:row + len(idx), i] = per
+                row += len(idx)
+        finally:
+            ev.shared.fetch = {}
+        out = Output(sums, errors, ev.shared.n_made, ev.shared.n_fetched)
+        ev.shared.n_made = ev.shared.n_fetched = 0
+        seconds, self._reference_s = time.perf_counter() - t0 + self._reference_s, 0.0
+        return Done(out, seconds, len(sums) * ev.windows.seqlen * n, os.getpid())
+
+
+def _fetch(handle) -> np.ndarray | None:
+    """A published window's hidden states (an ObjectRef, or the array itself), or None when its
+    producer failed (died, or raised)."""
+    if isinstance(handle, np.ndarray):
+        return handle
+    import ray
+
+    try:
+        return ray.get(handle)
+    except ray.exceptions.RayError:
+        return None
 
 
 def _score_many(ev: _WindowSums, xs, idx: np.ndarray, errors: dict[int, str]) -> list[list | None]:

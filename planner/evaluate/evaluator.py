@@ -39,7 +39,8 @@ Prefix = list[list[torch.Tensor]]   # per window batch, the input hidden states 
 class InProcessEvaluator:
     def __init__(self, model: nn.Module, db: LevelsDB, problem: Problem, windows: Windows,
                  dtype: torch.dtype = torch.bfloat16, batch_windows: int = 4, ref_cache_bytes: float = 3e9,
-                 prefix_cache: bool = True, kl_topk: int | None = None, prefix_cache_bytes: float = 2e9):
+                 prefix_cache: bool = True, kl_topk: int | None = None, prefix_cache_bytes: float = 2e9,
+                 references=None):
         self.model = model.to(dtype)
         self.db, self.problem, self.windows, self.dtype = db, problem, windows, dtype
         self.batch_windows = batch_windows
@@ -53,6 +54,9 @@ class InProcessEvaluator:
         self._blocks = np.asarray(problem.blocks if problem.blocks else np.zeros(problem.n_units, dtype=int))
         self._ref: OrderedDict[int, Reference] = OrderedDict()
         self._ref_cap = int(ref_cache_bytes)
+        # references made elsewhere (planner/distributed/references.py): `get(window)` gives one or None,
+        # `made(window, hidden)` sees the base model's final hidden states of each reference made here
+        self.references = references
         self.evaluations = 0
         self.blocks_run = 0      # decoder blocks executed (x windows batches): what prefix caching saves
         self.on_scored = None    # optional callback after each plan is scored (progress bars)
@@ -128,6 +132,10 @@ class InProcessEvaluator:
 
     @torch.no_grad()
     def _reference(self, window_idx: np.ndarray) -> None:
+        shared = self.references
+        for w in window_idx:
+            if shared is not None and int(w) not in self._ref and (r := shared.get(int(w))) is not None:
+                self._ref[int(w)] = r
         missing = np.array([w for w in window_idx if int(w) not in self._ref], dtype=np.int64)
         if len(missing):
             self.apply(None)
@@ -136,6 +144,8 @@ class InProcessEvaluator:
                 hidden = self._hidden(idx)
                 for j, w in enumerate(idx):
                     self._ref[int(w)] = reference(head(hidden[j]), self.kl_topk)
+                    if shared is not None:
+                        shared.made(int(w), hidden[j])
         for w in window_idx:
             self._ref.move_to_end(int(w))
         per = next(iter(self._ref.values())).nbytes
