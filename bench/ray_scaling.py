@@ -9,12 +9,15 @@
    average is printed): they are not expected to double anything;
 3. Ray's own cost per task: N sleeping actors (N up to 32 on 32 *logical* Ray CPUs) fed by the
    planner's dispatcher, tasks of a known length: the fraction of the ideal wall time achieved;
+   and the object store's put and get of a window's hidden states (2.4 MB: the default model's
+   2048-token window; 16.8 MB: Llama-3-8B's), what a shared reference costs;
 4. the simulated scaling table (planner.distributed.simulate: the real task planner and dispatcher,
-   workers that sleep for a task's estimated cost, references and anchor passes included) for
-   EvoPress's paper schedule, the CPU schedule and a wide workload, 1 to 32 workers; the last two
-   columns are granularities (planned, not slept): tasks on whole batches of 4 windows only (the
-   grid before windows were split; the choice for kernels whose numbers depend on the batch), and
-   references that cost nothing (as if shipped to every worker: what the references cost).
+   workers that sleep for a task's estimated cost, shared references fetched and waited for, anchor
+   passes included) for EvoPress's paper schedule and a wide workload (Llama-3-8B on H100s) and the
+   CPU schedule (the default model on CPU workers), 1 to 32 workers; the last two columns are
+   granularities (planned, not slept): tasks on whole batches of 4 windows only (the choice for
+   kernels whose numbers depend on the batch), and references recomputed by every task on a window
+   (the grid before they were shared); then what sharing the anchor's block inputs too would save.
 
     python bench/ray_scaling.py [--space rtn-g128] [--generations 2] [--out reports/ray_scaling.txt]
 """
@@ -36,11 +39,12 @@ import numpy as np  # noqa: E402
 
 from planner.budget import parse_budget  # noqa: E402
 from planner.distributed import Cluster, ClusterSpec  # noqa: E402
+from planner.distributed import simulate as sim  # noqa: E402
 from planner.distributed.cluster import free_port  # noqa: E402
 from planner.distributed.dispatch import Dispatcher, Done  # noqa: E402
 from planner.distributed.ray_executor import RayBackend  # noqa: E402
-from planner.distributed.simulate import SCHEDULES, Stage, simulate  # noqa: E402
-from planner.distributed.tasks import Task  # noqa: E402
+from planner.distributed.simulate import SCHEDULES, STATE_BYTES, Stage, simulate  # noqa: E402
+from planner.distributed.tasks import Task, split  # noqa: E402
 from planner.errors import PlannerError  # noqa: E402
 from planner.search.base import Candidate, Fidelity, derive_seed  # noqa: E402
 from planner.search.operators import level_switch  # noqa: E402
@@ -182,13 +186,38 @@ def throughput(session, problem, generations: int) -> list[str]:
 
 
 class SleepActor:
-    """A Ray actor that sleeps for a task's cost (x `unit_s`): Ray's overhead and nothing else."""
+    """A Ray actor that sleeps for a task's cost (x `unit_s`): Ray's overhead and nothing else; and
+    the two ends of a shared reference: `put` (a producer publishing states) and `get` (a consumer
+    fetching them into a writable array, as worker.from_wire does)."""
 
     def __init__(self, unit_s: float):
         self.unit_s = unit_s
+        self.kept: list = []
 
     def info(self) -> int:
         return os.getpid()
+
+    def put(self, nbytes: int, repeats: int) -> tuple[list, list[float]]:
+        import ray
+
+        refs, times = [], []
+        for i in range(repeats):
+            data = np.full(nbytes, i, dtype=np.uint8)      # fresh states each time, as after a forward
+            t0 = time.perf_counter()
+            refs.append(ray.put(data))
+            times.append(time.perf_counter() - t0)
+        self.kept += refs          # the owner keeps them alive
+        return refs, times
+
+    def get(self, refs: list) -> list[float]:
+        import ray
+
+        times = []
+        for ref in refs:
+            t0 = time.perf_counter()
+            np.array(ray.get(ref))
+            times.append(time.perf_counter() - t0)
+        return times
 
     def run(self, _key, _problem, task: Task) -> Done:
         t0 = time.perf_counter()
@@ -213,6 +242,7 @@ def ray_overhead(counts: list[int], unit_s: float, per_worker: int) -> list[str]
         ray.kill(probe)
         out += [f"round trip of an empty actor call: median {1e3 * statistics.median(trips):.1f} ms, "
                 f"min {1e3 * min(trips):.1f} ms (50 calls, load average {load()})",
+                *object_store(ray, STATE_BYTES),
                 f"{'actors':>6s} {'start s':>8s} {'tasks':>6s} {'ideal s':>8s} {'wall s':>7s} {'efficiency':>10s}"]
         for n in counts:
             t0 = time.perf_counter()
@@ -243,23 +273,65 @@ def ray_overhead(counts: list[int], unit_s: float, per_worker: int) -> list[str]
     return out
 
 
+def object_store(ray, sizes: tuple[int, ...], repeats: int = 20) -> list[str]:
+    """Put (in one actor) and get + writable copy (in another) of arrays of `sizes` bytes: what a shared
+    reference's hidden states cost (planner.distributed.simulate.PUT_S / GET_S hold these medians)."""
+    producer, consumer = (ray.remote(SleepActor).options(num_cpus=1).remote(0.0) for _ in range(2))
+    out = []
+    try:
+        for n in sizes:
+            refs, put = ray.get(producer.put.remote(n, repeats))
+            got = ray.get(consumer.get.remote(refs))
+            out.append(f"object store, {n / 1e6:.1f} MB ({repeats} arrays): put median {1e3 * statistics.median(put):.2f} ms "
+                       f"(min {1e3 * min(put):.2f}), get + copy in another actor median {1e3 * statistics.median(got):.2f} ms "
+                       f"(min {1e3 * min(got):.2f})")
+    finally:
+        for a in (producer, consumer):
+            ray.kill(a)
+    return out
+
+
 WIDE = "wide: 128 plans x 32 windows"
 
 
 def simulated(unit_s: float) -> list[str]:
     out = []
+    for name, shipping in (("Llama-3-8B on H100s (paper, wide)", sim.LLAMA_8B_H100), ("default model on CPU workers (cpu)",
+                                                                                    sim.SMOL_CPU)):
+        out.append(f"shared references, {name}: forward of a window {1e3 * shipping.forward_s:.0f} ms, states "
+                   f"{shipping.state_bytes / 1e6:.2f} MB; publish {shipping.put():.3f} forwards, fetch "
+                   f"{shipping.get():.3f} + the head")
     scale = {"cpu": 4.0, WIDE: 0.1}
     for name, stages in (*SCHEDULES.items(), (WIDE, [Stage(128, 32)])):
+        shipping = sim.SMOL_CPU if name == "cpu" else sim.LLAMA_8B_H100
         out.append(f"{name}: {stages}")
         out.append(f"  {'workers':>7s} {'tasks':>6s} {'granularity':>11s} {'dispatch':>8s} {'overall':>7s} "
-                   f"{'speed-up':>8s} {'whole batches':>13s} {'free refs':>9s}")
+                   f"{'speed-up':>8s} {'waited':>6s} {'whole batches':>13s} {'refs recomputed':>15s}")
         for w in (1, 2, 4, 8, 16, 32):
-            r = simulate(stages, w, unit_s=unit_s * scale.get(name, 1.0))
-            whole = simulate(stages, w, atom=4, sleep=False)
-            free = simulate(stages, w, reference=0.0, sleep=False)
+            r = simulate(stages, w, unit_s=unit_s * scale.get(name, 1.0), shipping=shipping)
+            whole = simulate(stages, w, atom=4, shipping=shipping, sleep=False)
+            alone = simulate(stages, w, shipping=None, sleep=False)
             out.append(f"  {w:7d} {r.tasks:6d} {r.granularity:11.3f} {r.dispatch:8.3f} {r.overall:7.3f} "
-                       f"{r.overall * w:8.2f} {whole.granularity:13.3f} {free.granularity:9.3f}")
-    return out
+                       f"{r.overall * w:8.2f} {r.waited / r.busy:6.3f} {whole.granularity:13.3f} {alone.granularity:15.3f}")
+    return out + anchor_sharing(SCHEDULES["paper"][0], 32)
+
+
+def anchor_sharing(stage: Stage, workers: int, seed: int = 0) -> list[str]:
+    """Would shipping the anchor's block inputs beat recomputing them, for a group of many plans on
+    few windows (EvoPress's first stage)? Each consumer chunk runs the anchor up to the deepest block
+    its plans start from; instead it could fetch the input of each distinct block its plans start
+    from (the states of one window: a reference's size), which one producer would put once each."""
+    sh, cost = sim.LLAMA_8B_H100, sim.cost_model()
+    X = sim.offspring(np.random.default_rng(seed), len(cost.blocks), stage.candidates)
+    first = cost.firsts(X)
+    consumers = [t for t in split(0, X, stage.windows, workers, cost) if not t.produces]
+    anchors = sum(len(t.windows) * cost.anchor(first[list(t.members)]) for t in consumers)
+    starts = [(t, set(np.minimum(first[list(t.members)], cost.n_blocks - 1).tolist())) for t in consumers]
+    states = sum(len(t.windows) * len(s) for t, s in starts)
+    put = stage.windows * len(set().union(*(s for _, s in starts))) * sh.put()
+    return [f"anchor block inputs shared instead ({stage}, {workers} workers, {len(consumers)} consumer tasks): their "
+            f"anchor passes cost {anchors:.1f} forwards; fetching the {states} block inputs they start from would cost "
+            f"{states * sh.get():.1f}, plus {put:.1f} of puts on the producers (which the consumers would wait for)"]
 
 
 def main() -> None:
@@ -300,8 +372,9 @@ def main() -> None:
                 (f"3. Ray's own overhead: sleeping actors on {max(map(int, args.actors.split(',')))} logical CPUs, "
                  "8 tasks of 0.2 s per actor", lambda: ray_overhead([int(n) for n in args.actors.split(",")], 0.2, 8)),
                 (f"4. simulated scaling (real planner + dispatcher, sleeping threads, {args.unit_s} s per window "
-                 "forward; cpu schedule 4x, wide 0.1x that; every task pays the reference and anchor passes "
-                 "of its windows)", lambda: simulated(args.unit_s))]
+                 "forward; cpu schedule 4x, wide 0.1x that; a window's reference made once and fetched by the "
+                 "other tasks on it, every task pays the anchor pass of its windows; 'waited': the share of the "
+                 "workers' busy time spent waiting for a producer)", lambda: simulated(args.unit_s))]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = _sections(out.read_text()) if out.is_file() else {}   # sections not rerun stay as they were
