@@ -235,7 +235,7 @@ def _expected_evals(method: str, config: dict, searcher) -> int | None:
         return c.trials
     if method == "evo" and c is not None:
         per_gen = c.offspring + sum(s for s, _ in c.stages[:-1]) + 1
-        return c.generations * per_gen
+        return c.generations * per_gen + (2 * c.final_batches if c.init_x is not None else 0)
     return None
 
 

@@ -4,11 +4,14 @@ parent is replaced exactly when that offspring beats it on the paired last-stage
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 
 from planner.search import Candidate, Result, make_searcher
+from planner.search.operators import fill_uniform
 from tests.test_search_contract import toy_problem, true_kl
 
 STAGES = ((4, 128), (2, 256), (1, 1024))
@@ -59,3 +62,52 @@ def test_racing_parent_kl_never_rises_with_known_fitness():
     kls = [kl for _, kl in s.history]
     assert len(kls) == 10 and all(b <= a for a, b in zip(kls, kls[1:], strict=False))
     assert kls[-1] < kls[0]
+
+
+def _lying_racing(problem, start, generations):
+    """Racing batches flatter every plan but the warm start; the final check's batches tell the truth
+    (the warm start is the best plan)."""
+    def evaluate(cands: list[Candidate]) -> list[Result]:
+        out = []
+        for c in cands:
+            final = c.generation == generations
+            kl = (0.0 if c.x == start else 1.0) if final else (0.6 if c.x == start else 0.5)
+            out.append(Result(c, kl=kl, ppl=1.0))
+        return out
+    return evaluate
+
+
+def test_final_check_returns_the_warm_start_when_the_parent_drifted_below_it():
+    problem = toy_problem()
+    start = tuple(int(v) for v in fill_uniform(problem, np.random.default_rng(7)))
+    config = {"generations": 3, "offspring": 4, "stages": ((1, 128),), "init_x": start, "final_batches": 3}
+    s = make_searcher("evo", problem, config, 0)
+    evaluate = _lying_racing(problem, start, 3)
+    while s.generation < 3:
+        s.tell(evaluate(s.ask()))
+    assert s.best() != start and not s.done()          # racing was fooled
+    batch = s.ask()
+    assert len(batch) == 6 and {c.label for c in batch} == {"parent", "warm start"}
+    assert len({c.fidelity for c in batch}) == 3 and {c.fidelity.tokens for c in batch} == {128}
+    t = make_searcher("evo", problem, config, 0)         # a JSON round trip in the middle of the check
+    t.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert t.ask() == batch
+    t.tell(evaluate(batch))
+    assert t.done() and t.best() == start and t.ask() == []
+
+
+def test_final_check_keeps_an_improved_parent_and_costs_nothing_without_a_warm_start():
+    problem = toy_problem()
+    evaluate = _known(problem)
+    s = make_searcher("evo", problem, {"generations": 4, "offspring": 8, "stages": STAGES}, 0)
+    n = 0
+    while not s.done():
+        batch = s.ask()
+        n += len(batch)
+        s.tell(evaluate(batch))
+    assert n == 4 * (8 + 4 + 2 + 1)                      # no final check: no warm start to guard
+    start = tuple(int(v) for v in fill_uniform(problem, np.random.default_rng(3)))
+    s = make_searcher("evo", problem, {"generations": 6, "offspring": 8, "stages": STAGES, "init_x": start}, 0)
+    while not s.done():
+        s.tell(evaluate(s.ask()))
+    assert true_kl(problem, s.best()) <= true_kl(problem, start)

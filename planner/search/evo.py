@@ -5,6 +5,12 @@ survivors of stage k-1 on a fresh batch (seed derived from run seed, generation,
 the best `survivors`; in the last stage the parent is re-measured on the same batch, so the
 comparison that replaces it is a paired one and a lucky early measurement cannot stick.
 
+With a warm start, a last check guards it: after the final generation the parent and the warm-start
+plan are measured side by side on `final_batches` fresh batches of the last stage's size, and the
+warm start is returned if it wins. Short racing stages on a plan that is already near-optimal (a
+Hessian or MC-MoE allocation) can drift below it on noise; the check makes evo never return a plan
+that measures worse than the one it was given, at a cost of 2 x final_batches evaluations.
+
 State is a plain dict (parent, the pending stage's plans, generation, stage, rng, history), so a
 run restored from JSON between ask and tell continues identically. A failed parent measurement is
 stored as inf, which Python's json writes as `Infinity` (as the journal does for failed rows).
@@ -34,10 +40,12 @@ class EvoConfig:
     max_switches: int = 3
     same_size_only: bool = False      # EvoPress's default; off so attention and MLP can trade bits
     init_x: tuple[int, ...] | None = None   # warm start (repaired to the budget); default fill_uniform
+    final_batches: int = 4            # warm start only: parent vs warm start on this many fresh batches
 
     def __post_init__(self) -> None:
-        if self.generations < 0 or self.offspring < 1 or self.max_switches < 1:
-            raise PlannerError("evo: generations >= 0, offspring >= 1 and max_switches >= 1 are required")
+        if self.generations < 0 or self.offspring < 1 or self.max_switches < 1 or self.final_batches < 0:
+            raise PlannerError("evo: generations >= 0, offspring >= 1, max_switches >= 1 and final_batches >= 0 "
+                               "are required")
         if not self.stages or any(len(s) != 2 or s[0] < 1 or s[1] < 1 for s in self.stages):
             raise PlannerError(f"evo: stages must be non-empty (survivors, tokens) pairs >= 1, got {self.stages}")
 
@@ -76,6 +84,7 @@ class EvoSearcher:
                                    f"{problem.n_units} units")
             parent = repair(self.fusion.to_inner(config.init_x), self.problem, self.rng)
         self.parent: X = tuple(int(v) for v in parent)
+        self.start: X | None = self.parent if config.init_x is not None and config.final_batches else None
         self.parent_kl = math.inf
         self.generation = 0
         self.stage = 0
@@ -103,10 +112,33 @@ class EvoSearcher:
     def _last_stage(self) -> bool:
         return self.stage == len(self.config.stages) - 1
 
+    def _final_check(self) -> bool:
+        """All generations are done and the warm start still has to be compared with the parent."""
+        return self.generation >= self.config.generations and self.start is not None and self.start != self.parent
+
+    def _final_batch(self) -> list[Candidate]:
+        g, tokens = self.config.generations, self.config.stages[-1][1]
+        return [Candidate(self.fusion.to_outer(x), Fidelity(tokens=tokens, seed=derive_seed(self.seed, g, i)),
+                          method=self.method, generation=g, stage=0, label=label)
+                for i in range(self.config.final_batches)
+                for x, label in ((self.parent, "parent"), (self.start, "warm start"))]
+
+    def _tell_final(self, results: list[Result]) -> None:
+        total = {self.parent: 0.0, self.start: 0.0}
+        for r in results:
+            total[self.fusion.to_inner(r.candidate.x)] += _fit(r)
+        if total[self.start] < total[self.parent]:
+            self.parent = self.start
+        self.parent_kl = total[self.parent] / self.config.final_batches
+        self.history.append((self.generation, self.parent_kl))
+        self.start = None
+
     def ask(self) -> list[Candidate]:
         """The current stage's batch; asking again before `tell` returns the same batch."""
         if self.done():
             return []
+        if self._final_check():
+            return self._final_batch()
         if self.pending is None:
             self.pending = self._breed()
         f, g, s = self._fidelity(), self.generation, self.stage
@@ -117,6 +149,8 @@ class EvoSearcher:
         return out
 
     def tell(self, results: list[Result]) -> None:
+        if self._final_check():
+            return self._tell_final(results)
         if self.pending is None:
             raise PlannerError("evo: tell() before ask()")
         fit = {self.fusion.to_inner(r.candidate.x): _fit(r) for r in results}
@@ -137,7 +171,7 @@ class EvoSearcher:
         self.pending = None
 
     def done(self) -> bool:
-        return self.generation >= self.config.generations
+        return self.generation >= self.config.generations and not self._final_check()
 
     def best(self) -> X | None:
         return self.fusion.to_outer(self.parent)
@@ -145,6 +179,7 @@ class EvoSearcher:
     # --- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"seed": self.seed, "parent": list(self.parent), "parent_kl": self.parent_kl,
+                "start": None if self.start is None else list(self.start),
                 "generation": self.generation, "stage": self.stage,
                 "pending": None if self.pending is None else [list(x) for x in self.pending],
                 "rng": self.rng.bit_generator.state,
@@ -154,6 +189,8 @@ class EvoSearcher:
         self.seed = int(state["seed"])
         self.parent = tuple(int(v) for v in state["parent"])
         self.parent_kl = float(state["parent_kl"])
+        start = state.get("start")       # absent in checkpoints written before the final check existed
+        self.start = None if start is None else tuple(int(v) for v in start)
         self.generation, self.stage = int(state["generation"]), int(state["stage"])
         pending = state["pending"]
         self.pending = None if pending is None else [tuple(int(v) for v in x) for x in pending]
