@@ -4,6 +4,12 @@ The journal (`results.jsonl`) is the truth. A checkpoint records the searcher st
 and how many journal rows existed then. On resume the state is loaded and the rows written after
 that checkpoint (a kill between journal and checkpoint) answer the re-asked candidates, so nothing
 is evaluated or journaled twice and the run ends exactly where an uninterrupted one would.
+
+Fitness cache: a plan asked again on data it was already measured on (same x, tokens and batch
+seed - a population searcher re-proposing a plan, a warm start asked on a batch it has seen) is
+answered from the journal instead of the model. The answer is journaled again with
+`extra.cached = true` and no seconds, so the journal still has one row per ask and a resumed run
+replays it the same way. Failed measurements are never cached: a retry may succeed.
 """
 
 from __future__ import annotations
@@ -80,14 +86,22 @@ def run_search(searcher: Searcher, problem: Problem, evaluate: Callable[[list[Ca
                                f"not {method!r}: resume with the same method or start a new run")
         searcher.load_state_dict(ckpt["searcher"])
         n_seen = min(int(ckpt["n_results"]), len(rows))
-    cache: dict[Key, deque[Row]] = defaultdict(deque)    # journaled after the checkpoint
-    for row in rows[n_seen:]:
-        cache[(tuple(row.x), row.tokens, row.seed)].append(row)
+    # replay: this searcher's rows journaled after its checkpoint answer its re-asked candidates once;
+    # every other successful row (before it, or another searcher's) answers any later ask (the memo)
+    cache: dict[Key, deque[Row]] = defaultdict(deque)
+    measured: dict[Key, Row] = {}
+    for i, row in enumerate(rows):
+        key = (tuple(row.x), row.tokens, row.seed)
+        if i >= n_seen and row.method == method:
+            cache[key].append(row)
+        elif row.error is None:
+            measured.setdefault(key, row)
 
     while not searcher.done():
         cands = searcher.ask()
         cached = {i: cache[_key(c)].popleft() for i, c in enumerate(cands) if cache.get(_key(c))}
-        todo = [c for i, c in enumerate(cands) if i not in cached]
+        known = {i: measured[_key(c)] for i, c in enumerate(cands) if i not in cached and _key(c) in measured}
+        todo = [c for i, c in enumerate(cands) if i not in cached and i not in known]
         t0 = time.perf_counter()
         fresh = iter(evaluate(todo) if todo else [])
         seconds = (time.perf_counter() - t0) / max(len(todo), 1)
@@ -96,11 +110,20 @@ def run_search(searcher: Searcher, problem: Problem, evaluate: Callable[[list[Ca
             if i in cached:
                 row = cached[i]
                 results.append(Result(c, kl=row.kl, ppl=row.ppl, error=row.error))
+                if row.error is None:
+                    measured.setdefault(_key(c), row)
                 continue
-            r = next(fresh, None)
-            if r is None or tuple(r.candidate.x) != tuple(c.x):
-                raise PlannerError("evaluate() must return one result per candidate, in the order given")
-            row = _row(problem, c, r, seconds)
+            if i in known:
+                r = Result(c, kl=known[i].kl, ppl=known[i].ppl)
+                row = _row(problem, c, r, 0.0)
+                row.extra["cached"] = True
+            else:
+                r = next(fresh, None)
+                if r is None or tuple(r.candidate.x) != tuple(c.x):
+                    raise PlannerError("evaluate() must return one result per candidate, in the order given")
+                row = _row(problem, c, r, seconds)
+                if r.error is None:
+                    measured[_key(c)] = row
             run.append_result(row)
             n_rows += 1
             if on_result is not None:
