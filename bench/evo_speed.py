@@ -30,11 +30,11 @@ from planner.search.uniform import uniform_x  # noqa: E402
 from planner.space import load_space  # noqa: E402
 
 
-def offspring(problem, parent, rng, n, same_size, switches):
+def offspring(problem, parent, rng, n, same_size, switches, local=False):
     out = []
     while len(out) < n:
         k = switches if switches else n_switches(rng, 3)
-        x = tuple(int(v) for v in level_switch(parent, problem, rng, k, same_size))
+        x = tuple(int(v) for v in level_switch(parent, problem, rng, k, same_size, local=local))
         if x != tuple(parent):
             out.append(x)
     return out
@@ -78,14 +78,17 @@ def main() -> None:
     ev.score(problem.decode(parent), windows)
     emit(f"# bench/evo_speed.py  default model, 3.0 bits, {args.offspring} offspring on {args.tokens} tokens, "
          f"median of {args.reps}, {args.threads} threads")
-    emit(f"{'mutation':<34} {'no cache ev/s':>13} {'cache ev/s':>11} {'speed-up':>9} {'blocks run':>11}")
+    emit(f"{'mutation':<38} {'no cache ev/s':>13} {'cache ev/s':>11} {'speed-up':>9} {'blocks run':>11}")
     rng = np.random.default_rng(0)
-    for label, same, k in (("one switch, same-size (EvoPress)", True, 1), ("one switch, cost-aware", False, 1),
-                           ("1-3 switches, cost-aware (default)", False, 0)):
-        xs = offspring(problem, parent, rng, args.offspring, same, k)
+    for label, same, k, local in (("one switch, same-size (EvoPress)", True, 1, False),
+                                  ("one switch, cost-aware", False, 1, False),
+                                  ("1-3 switches, cost-aware (default)", False, 0, False),
+                                  ("one switch, cost-aware, local repair", False, 1, True),
+                                  ("1-3 switches, local repair", False, 0, True)):
+        xs = offspring(problem, parent, rng, args.offspring, same, k, local)
         t_off, _ = timed(ev, xs, windows, False, args.reps)
         t_on, frac = timed(ev, xs, windows, True, args.reps)
-        emit(f"{label:<34} {len(xs) / t_off:>13.2f} {len(xs) / t_on:>11.2f} {t_off / t_on:>8.2f}x {frac:>10.0%}")
+        emit(f"{label:<38} {len(xs) / t_off:>13.2f} {len(xs) / t_on:>11.2f} {t_off / t_on:>8.2f}x {frac:>10.0%}")
 
     emit("\n# one generation: racing (cpu schedule) vs every offspring at the last stage's tokens")
     cpu = SCHEDULES["cpu"]

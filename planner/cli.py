@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study-name", default=None, help="tpe: the study's name in --storage (default: the run name)")
     s.add_argument("--stages", default=None, help="evo racing stages as survivors@tokens,... (overrides the schedule)")
     s.add_argument("--same-size-only", action="store_true", help="evo swaps bits only between units of one size (EvoPress's default)")
+    s.add_argument("--local-repair", action="store_true",
+                   help="evo's budget repair moves units at or after the earliest switched block first (more prefix-cache reuse)")
     s.add_argument("--evo-config", default=None, help="a JSON/YAML file of evo settings (generations, offspring, stages, max_switches, ...)")
     s.add_argument("--init", default=None, help="evo warm start: uniform (default: the best uniform plan/mix), hessian "
                    "(the exact knapsack plan of --score), moe-lp (MoE models: the moe-lp plan) or a plan JSON file")
@@ -239,6 +241,8 @@ def _evo_config(args) -> dict:
         config["stages"] = _parse_stages(args.stages)
     if args.same_size_only:
         config["same_size_only"] = True
+    if args.local_repair:
+        config["local_repair"] = True
     return config
 
 

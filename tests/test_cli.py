@@ -360,3 +360,13 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(searched, tmp_path, da
     assert json.loads((path / "best_plan.json").read_text())["plan"] == \
         json.loads((ref_path / "best_plan.json").read_text())["plan"]
     assert (path / "results.jsonl").read_text().endswith("\n")
+
+
+def test_search_with_local_repair(tmp_path, data_args, session_cache_dir):
+    """`--local-repair` reaches evo's config, and its offspring stay within the budget."""
+    with cache_env(session_cache_dir):
+        rc, out, err = run_cli(["search", *data_args, *SEARCH, "--local-repair", "--runs-dir", tmp_path, "--name", "lr"])
+    assert rc == 0, err
+    run = RunDir.open(tmp_path / "lr")
+    assert json.loads((tmp_path / "lr" / "config.json").read_text())["method_config"]["local_repair"] is True
+    assert all(r.bits <= BUDGET + 1e-9 for r in run.results() if r.method == "evo")

@@ -67,6 +67,32 @@ def test_level_switch_stays_in_budget_and_ladder(p, seed, k, same_size):
         assert np.abs(y - x).sum() <= 2 * k
 
 
+@settings(max_examples=60, deadline=None)
+@given(problems, seeds, st.integers(1, 3))
+def test_local_repair_stays_in_budget_and_ladder(p, seed, k):
+    """Local repair: feasible and saturated like the plain one."""
+    rng = np.random.default_rng(seed)
+    x = fill_uniform(p, rng)
+    y = level_switch(x, p, rng, k, local=True)
+    assert _in_ladder(p, y) and p.feasible(y) and (p.budget.also or _saturated(p, y))
+
+
+def test_local_repair_keeps_the_parents_prefix():
+    """On the toy problem the first changed block of local offspring is deeper on average: the
+    prefix cache skips more of each offspring."""
+    p = toy_problem()
+    blocks = np.asarray(p.blocks)
+
+    def first_block(local: bool) -> float:
+        rng = np.random.default_rng(0)
+        x = fill_uniform(p, rng)
+        firsts = [blocks[np.flatnonzero(y != x)].min() for y in (level_switch(x, p, rng, 1, local=local)
+                                                              for _ in range(300)) if (y != x).any()]
+        return float(np.mean(firsts))
+
+    assert first_block(True) > first_block(False)
+
+
 @settings(max_examples=30, deadline=None)
 @given(problems, seeds)
 def test_fill_uniform_is_feasible_and_saturated(p, seed):

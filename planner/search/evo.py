@@ -39,6 +39,7 @@ class EvoConfig:
     stages: tuple[tuple[int, int], ...] = ((4, 512), (1, 2048))   # (survivors, tokens) per stage
     max_switches: int = 3
     same_size_only: bool = False      # EvoPress's default; off so attention and MLP can trade bits
+    local_repair: bool = False        # repair at or after the earliest switched block (prefix-cache friendly)
     init_x: tuple[int, ...] | None = None   # warm start (repaired to the budget); default fill_uniform
     final_batches: int = 4            # warm start only: parent vs warm start on this many fresh batches
 
@@ -99,7 +100,8 @@ class EvoSearcher:
             if len(out) == c.offspring:
                 break
             k = n_switches(self.rng, c.max_switches)
-            child = tuple(int(v) for v in level_switch(self.parent, self.problem, self.rng, k, c.same_size_only))
+            child = tuple(int(v) for v in level_switch(self.parent, self.problem, self.rng, k, c.same_size_only,
+                                                   local=c.local_repair))
             if child not in seen:
                 seen.add(child)
                 out.append(child)

@@ -47,8 +47,28 @@ def _eases(x: np.ndarray, problem: Problem) -> np.ndarray:
     return out
 
 
-def fill_slack(x: np.ndarray, problem: Problem, rng: np.random.Generator) -> np.ndarray:
-    """Raise random units one step while any raise still fits, so plans end near the budget."""
+def _prefer(pool: np.ndarray, near: np.ndarray | None) -> np.ndarray:
+    """The units of `pool` inside `near` (a bool mask), or all of `pool` when none are."""
+    if near is None:
+        return pool
+    inside = pool[near[pool]]
+    return inside if inside.size else pool
+
+
+def from_block(problem: Problem, units: Iterable[int]) -> np.ndarray | None:
+    """Mask of the units in the earliest block of `units` or after it (None without block indices):
+    a repair that stays there leaves the parent's prefix intact, which the prefix cache skips."""
+    units = list(units)
+    if not problem.blocks or not units:
+        return None
+    blocks = np.asarray(problem.blocks)
+    return blocks >= blocks[units].min()
+
+
+def fill_slack(x: np.ndarray, problem: Problem, rng: np.random.Generator,
+               near: np.ndarray | None = None) -> np.ndarray:
+    """Raise random units one step while any raise still fits, so plans end near the budget
+    (preferring units in the `near` mask when one is given)."""
     x = np.array(x, dtype=np.int64)
     c, limit, top = _costs(problem)
     spend = problem.spend(x)
@@ -58,13 +78,13 @@ def fill_slack(x: np.ndarray, problem: Problem, rng: np.random.Generator) -> np.
             fits = np.array([u for u in fits if problem.feasible(_step(x, u, 1))], dtype=np.int64)
         if fits.size == 0:
             return x
-        u = int(rng.choice(fits))
+        u = int(rng.choice(_prefer(fits, near)))
         x[u] += 1
         spend = problem.spend(x)     # re-summed, not accumulated: no float drift past the budget
 
 
 def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] = (),
-           fill: bool = True) -> np.ndarray:
+           fill: bool = True, near: np.ndarray | None = None) -> np.ndarray:
     """Bring x within budget, then fill the slack.
 
     Over budget: lower random units one step, preferring units not in `frozen` (a mutation's
@@ -72,7 +92,8 @@ def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] 
     `fill` is False (multi-objective search, where the budget is only an upper bound and plans
     below it are wanted). When no step down helps (a latency limit: 2-bit kernels can be slower
     than 4-bit ones) the nearest feasible plan is solved for instead. The result is feasible
-    whenever any plan is.
+    whenever any plan is. `near` (a bool mask over units): lower and raise units inside it when
+    any of them can move (a local repair), others only when none can.
     """
     x = np.clip(np.array(x, dtype=np.int64), 0, problem.n_levels - 1)
     frozen_mask = np.zeros(len(x), dtype=bool)
@@ -86,8 +107,8 @@ def repair(x, problem: Problem, rng: np.random.Generator, frozen: Iterable[int] 
         pool = np.flatnonzero(down & ~frozen_mask)
         if pool.size == 0:
             pool = np.flatnonzero(down)
-        x[int(rng.choice(pool))] -= 1
-    return fill_slack(x, problem, rng) if fill else x
+        x[int(rng.choice(_prefer(pool, near)))] -= 1
+    return fill_slack(x, problem, rng, near) if fill else x
 
 
 def nearest_feasible(x, problem: Problem) -> np.ndarray:
@@ -108,13 +129,15 @@ def n_switches(rng: np.random.Generator, max_switches: int = 3) -> int:
 
 
 def level_switch(x, problem: Problem, rng: np.random.Generator, n_switches: int,
-                 same_size_only: bool = False, fill: bool = True) -> np.ndarray:
+                 same_size_only: bool = False, fill: bool = True, local: bool = False) -> np.ndarray:
     """EvoPress's mutation: each switch raises one unit one step and lowers another one step.
 
     same_size_only: the lowered unit has the same numel and the same step cost as the raised one,
     so the spend is unchanged exactly (EvoPress's default). A switch with no such partner is
     skipped. Otherwise any two units trade and the result is repaired with the raised units
-    frozen: attention and MLP can trade bits, which same-size swaps never do.
+    frozen: attention and MLP can trade bits, which same-size swaps never do. `local`: the repair
+    moves units at or after the earliest switched block first, so the offspring keeps the parent's
+    prefix, which the evaluator's prefix cache skips.
     """
     x = np.array(x, dtype=np.int64)
     c, _, top = _costs(problem)
@@ -139,7 +162,8 @@ def level_switch(x, problem: Problem, rng: np.random.Generator, n_switches: int,
                 break
     if same_size_only and problem.feasible(x):   # same step cost in the budget's metric; other limits may move
         return x
-    return repair(x, problem, rng, frozen=raised, fill=fill)
+    near = from_block(problem, np.flatnonzero(touched)) if local else None
+    return repair(x, problem, rng, frozen=raised, fill=fill, near=near)
 
 
 def level_step(x, problem: Problem, rng: np.random.Generator, n_steps: int) -> np.ndarray:
