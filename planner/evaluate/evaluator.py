@@ -198,7 +198,6 @@ class InProcessEvaluator:
                 with self._from_block(0, last + 1):
                     self._hidden(idx, capture=states)
                 prefix.append([h if i % every == 0 else None for i, h in enumerate(states)])
-                del states
             out = []
             for x, start in zip(X, first, strict=True):
                 self.apply(self.problem.decode(x))
