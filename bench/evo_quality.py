@@ -3,6 +3,7 @@ configuration on the default model; every final plan measured on held-out window
 calibration corpus and on a second corpus the search never saw.
 
     python bench/evo_quality.py [--budgets 2.5,3.0,3.5] [--generations 20] [--out reports/evo_quality.txt]
+    python bench/evo_quality.py --budgets 2.5 --rows baselines,evo-hessian --hessian-generations 100   # a longer run
 
 Rows per budget:
   uniform            the highest single level within budget
@@ -44,6 +45,7 @@ from planner.search.evo import SCHEDULES  # noqa: E402
 from planner.sensitivity import proxy_inputs  # noqa: E402
 from planner.space import load_space  # noqa: E402
 
+ROWS = ("baselines", "evopress", "evo", "evo-hessian")
 RULES = ("by-block-asc", "by-block-desc", "sandwich", "attention+down-first")
 
 
@@ -73,7 +75,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="reports/evo_quality.txt")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"which searches to run, comma-separated from {','.join(ROWS)} (the baselines are cheap)")
+    ap.add_argument("--hessian-generations", type=int, default=None,
+                    help="generations of the evo-from-hessian row (default: --generations)")
     args = ap.parse_args()
+    wanted = set(args.rows.split(","))
+    if not wanted <= set(ROWS) or "baselines" not in wanted:
+        ap.error(f"--rows: choose from {','.join(ROWS)}, baselines included (every ratio is against them)")
     torch.set_num_threads(args.threads)
     out = open(args.out, "w")
 
@@ -131,13 +140,19 @@ def main() -> None:
         ours_evals = args.generations * ours_per_gen
         ep = {"generations": math.ceil(ours_evals / ep_per_gen), "offspring": 16, "stages": ep_stages,
               "same_size_only": True, "init_x": init}
-        s, _, n, t = search("evo", problem, ev, ep, args.seed, workdir)
-        measure("evopress-default (same-size swaps)", s.best(), n, t)
+        if "evopress" in wanted:
+            s, _, n, t = search("evo", problem, ev, ep, args.seed, workdir)
+            measure("evopress-default (same-size swaps)", s.best(), n, t)
         mine = {**cpu, "generations": args.generations, "init_x": init}
-        s, _, n, t = search("evo", problem, ev, mine, args.seed, workdir)
-        measure("evo (ours)", s.best(), n, t)
-        s, _, n, t = search("evo", problem, ev, {**mine, "init_x": list(hess.best())}, args.seed, workdir)
-        measure("evo (ours, from the hessian plan)", s.best(), n, t)
+        if "evo" in wanted:
+            s, _, n, t = search("evo", problem, ev, mine, args.seed, workdir)
+            measure("evo (ours)", s.best(), n, t)
+        if "evo-hessian" in wanted:
+            gens = args.hessian_generations or args.generations
+            s, _, n, t = search("evo", problem, ev, {**mine, "generations": gens, "init_x": list(hess.best())},
+                                args.seed, workdir)
+            measure("evo (ours, from the hessian plan)" if gens == args.generations
+                    else f"evo (ours, from hessian, {gens} gens)", s.best(), n, t)
 
         base = rows[0][5]
         emit(f"\n## budget {b} bits")
@@ -153,10 +168,11 @@ def main() -> None:
     for b, rows in summary:
         by = {r[0].split(" (")[0].split(":")[0]: r for r in rows}
         rule = min((r for r in rows if r[0].startswith("rule:")), key=lambda r: r[5], default=None)
-        evo = next(r for r in rows if r[0] == "evo (ours)")
-        ours = min(evo, rows[-1], key=lambda r: r[5])     # the better of our two evo rows
+        evo = next((r for r in rows if r[0] == "evo (ours)"), None)
+        from_ilp = next((r for r in rows if r[0].startswith("evo (ours, from")), None)
+        ours = min((r for r in (evo, from_ilp) if r), key=lambda r: r[5], default=rows[0])   # the better evo row
         mix = by.get("best mix")
-        cells = [rows[0], mix, rule, by.get("proxy"), by.get("hessian"), by.get("evopress-default"), evo, rows[-1]]
+        cells = [rows[0], mix, rule, by.get("proxy"), by.get("hessian"), by.get("evopress-default"), evo, from_ilp]
         fmt = [f"{c[5]:.3f}/{c[7]:.3f}" if c else "-" for c in cells]
         emit(f"{b:>5} " + " ".join(f"{f:>16}" for f in fmt) + f" {ours[5] / rows[0][5]:>12.3f}"
              + (f" {ours[5] / mix[5]:>9.3f}" if mix else f" {'-':>9}"))

@@ -8,6 +8,7 @@ group 128, experts calibrated on their own routed tokens. KL to the MoE itself a
 held-out windows never used for calibration or search.
 
     python bench/moe_lp.py                       # writes reports/moe_lp.txt (~15-30 CPU minutes)
+    python bench/moe_lp.py --generations 30 --offspring 16 --stages 4@512,1@2048 --threads 2   # the cpu schedule
     python bench/moe_lp.py --generations 4 --budgets 3.0 --heldout-tokens 2048   # a quick look
 """
 
@@ -58,12 +59,14 @@ def main() -> None:
     ap.add_argument("--budgets", default="2.5,3.0")
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument("--stages", default="2@512,1@1024", help="evo racing stages, survivors@tokens, comma-separated")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--heldout-tokens", type=int, default=4096)
     ap.add_argument("--uniform-tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="reports/moe_lp.txt")
     args = ap.parse_args()
+    stages = [[int(n) for n in st.split("@")] for st in args.stages.split(",")]
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     spec = MoefySpec()
@@ -83,7 +86,7 @@ def main() -> None:
              f"neurons) per layer, {len(session.units)} units; levels {', '.join(s.id for s in session.space.levels)}",
              f"held-out: {len(held) * session.windows.seqlen} tokens of the built-in corpus (KL to the MoE itself); "
              f"calibration {args.calib_tokens} tokens; evo {args.generations} generations x {args.offspring} offspring, "
-             f"stages 2@512,1@1024, from the full program's plan; bf16 evaluation, {args.threads} thread(s)",
+             f"stages {args.stages}, from the full program's plan; bf16 evaluation, {args.threads} thread(s)",
              f"expert activation frequency: min {freq.min():.3f}, median {np.median(freq):.3f}, max {freq.max():.3f} "
              f"(top-{spec.top_k}: a layer sums to {spec.top_k}); mean routing weight {weight.min():.3f}..{weight.max():.3f}",
              f"timings: MoEfication {t_moe:.0f} s, levels DB {t_levels:.0f} s, expert statistics {t_stats:.0f} s "
@@ -108,7 +111,7 @@ def main() -> None:
             rows.append((label, plans[label], time.perf_counter() - t))
         t = time.perf_counter()
         evo = make_searcher("evo", problem, {"generations": args.generations, "offspring": args.offspring,
-                                             "stages": [[2, 512], [1, 1024]],
+                                             "stages": stages,
                                              "init_x": [int(v) for v in plans[FULL]]}, 0)
         drive(evo, ev)
         rows.append(("evo from moe-lp full", evo.best(), time.perf_counter() - t))
