@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.budget import parse_budget  # noqa: E402
+from planner.evaluate.kl import cross_term, kl_and_nll, log_probs  # noqa: E402
 from planner.pipeline import ModelData, prepare  # noqa: E402
 from planner.rundir import RunDir  # noqa: E402
 from planner.search.evo import SCHEDULES  # noqa: E402
@@ -53,6 +54,35 @@ def timed(ev, xs, windows, cache: bool, reps: int) -> tuple[float, float]:
     return statistics.median(times), statistics.median(fracs)
 
 
+def median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def cost_split(ev, windows, reps: int) -> dict[str, float]:
+    """Milliseconds per window of the decoder blocks, the lm_head matmul, and the KL + NLL: chunked
+    (planner.evaluate.kl) and the whole-window log-softmax it replaced."""
+    w = int(windows[0])
+    idx = np.asarray([w])
+    head, ref, ids = ev.model.get_output_embeddings(), ev._ref[w], ev.windows.ids[w]
+    with torch.no_grad():
+        hidden = ev._hidden(idx)[0]
+        logits = head(hidden)
+
+        def whole_window():
+            logq = log_probs(logits)
+            return cross_term(ref.p, logq), -float(logq[:-1].gather(1, ids[1:, None]).sum())
+
+        return {"decoder blocks": median_ms(lambda: ev._hidden(idx), reps),
+                "lm_head matmul": median_ms(lambda: head(hidden), reps),
+                "KL + NLL, whole-window log-softmax": median_ms(whole_window, reps),
+                "KL + NLL, 16-position chunks (ours)": median_ms(lambda: kl_and_nll(logits, ref, ids), reps)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
@@ -80,6 +110,7 @@ def main() -> None:
          f"median of {args.reps}, {args.threads} threads")
     emit(f"{'mutation':<38} {'no cache ev/s':>13} {'cache ev/s':>11} {'speed-up':>9} {'blocks run':>11}")
     rng = np.random.default_rng(0)
+    fracs = {}
     for label, same, k, local in (("one switch, same-size (EvoPress)", True, 1, False),
                                   ("one switch, cost-aware", False, 1, False),
                                   ("1-3 switches, cost-aware (default)", False, 0, False),
@@ -88,7 +119,18 @@ def main() -> None:
         xs = offspring(problem, parent, rng, args.offspring, same, k, local)
         t_off, _ = timed(ev, xs, windows, False, args.reps)
         t_on, frac = timed(ev, xs, windows, True, args.reps)
+        fracs[label] = frac
         emit(f"{label:<38} {len(xs) / t_off:>13.2f} {len(xs) / t_on:>11.2f} {t_off / t_on:>8.2f}x {frac:>10.0%}")
+
+    split = cost_split(ev, windows, max(5, args.reps))
+    blocks, head, kl = (split[k] for k in ("decoder blocks", "lm_head matmul", "KL + NLL, 16-position chunks (ours)"))
+    emit(f"\n# where one candidate's time goes, per {ev.windows.seqlen}-token window (median of {max(5, args.reps)})")
+    emit(f"{'part':<38} {'ms':>8} {'share':>7}")
+    for part, ms in split.items():
+        emit(f"{part:<38} {ms:>8.1f} {ms / (blocks + head + kl):>7.0%}")
+    emit("ceiling of the prefix cache's speed-up at the blocks-run fractions above, the rest of a candidate fixed:")
+    for label, frac in fracs.items():
+        emit(f"  {label:<36} {frac:>4.0%} of blocks -> {(blocks + head + kl) / (frac * blocks + head + kl):.2f}x")
 
     emit("\n# one generation: racing (cpu schedule) vs every offspring at the last stage's tokens")
     cpu = SCHEDULES["cpu"]

@@ -47,6 +47,12 @@ class Reference:
         return self.p.numel() * self.p.element_size() + extra
 
 
+# Positions per chunk. A chunk's float32 log-softmax (16 x a 49k vocabulary = 3 MB) stays in cache;
+# a whole 512-token window's (100 MB) does not, and streaming it through memory made the KL of a
+# window cost more than the lm_head matmul itself (bench/evo_speed.py, "head and KL" rows).
+ROWS = 16
+
+
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
     """float32 log-softmax straight from (possibly bf16) logits, without a float32 copy first."""
     return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
@@ -67,20 +73,46 @@ def _top_cross(p: torch.Tensor, tail: torch.Tensor, index: torch.Tensor, logq: t
     return cross_term(p, logq_k) + float((tail * _tail_log(q_tail)).sum())
 
 
+def _ref_cross(ref: Reference, rows: slice, logq: torch.Tensor) -> float:
+    """sum p log q of the reference's positions `rows` against a candidate's log-probs there."""
+    if ref.index is None:
+        return cross_term(ref.p[rows], logq)
+    return _top_cross(ref.p[rows], ref.tail[rows], ref.index[rows], logq)
+
+
 def reference(logits: torch.Tensor, topk: int | None = None) -> Reference:
-    logp = log_probs(logits)
-    if topk is None or topk >= logp.shape[-1]:
-        p = logp.exp()
-        return Reference(p, cross_term(p, logp))
-    index = logp.topk(topk, dim=-1).indices
-    p = logp.gather(1, index).exp()
-    tail = (1.0 - p.sum(-1)).clamp_min(0.0)
-    return Reference(p, _top_cross(p, tail, index, logp), index, tail)
+    """The reference of one window, chunk by chunk like `kl_and_nll`, so that the same logits
+    give exactly the same cross term and an unmodified model scores exactly 0."""
+    full = topk is None or topk >= logits.shape[-1]
+    ps, index, tails = [], [], []
+    for s in range(0, len(logits), ROWS):
+        logp = log_probs(logits[s:s + ROWS])
+        if full:
+            ps.append(logp.exp())
+        else:
+            index.append(logp.topk(topk, dim=-1).indices)
+            ps.append(logp.gather(1, index[-1]).exp())
+            tails.append((1.0 - ps[-1].sum(-1)).clamp_min(0.0))
+    p = torch.cat(ps)
+    ref = Reference(p, 0.0) if full else Reference(p, 0.0, torch.cat(index), torch.cat(tails))
+    return Reference(ref.p, _cross_sum(logits, ref)[0], ref.index, ref.tail)
+
+
+def _cross_sum(logits: torch.Tensor, ref: Reference, ids: torch.Tensor | None = None) -> tuple[float, float]:
+    """(sum p log q, next-token NLL sum) over a window, ROWS positions at a time."""
+    cross = nll = 0.0
+    T = len(logits)
+    for s in range(0, T, ROWS):
+        rows = slice(s, min(s + ROWS, T))
+        logq = log_probs(logits[rows])
+        cross += _ref_cross(ref, rows, logq)
+        if ids is not None:
+            stop = min(rows.stop, T - 1) - s          # the window's last position has no next token
+            nll -= float(logq[:stop].gather(1, ids[s + 1:s + 1 + stop, None]).sum()) if stop > 0 else 0.0
+    return cross, nll
 
 
 def kl_and_nll(logits: torch.Tensor, ref: Reference, ids: torch.Tensor) -> tuple[float, float]:
     """Sums (not means) over one window: KL(p_ref || q) over all positions, NLL over next tokens."""
-    logq = log_probs(logits)
-    cross = cross_term(ref.p, logq) if ref.index is None else _top_cross(ref.p, ref.tail, ref.index, logq)
-    nll = -float(logq[:-1].gather(1, ids[1:, None]).sum())
+    cross, nll = _cross_sum(logits, ref, ids)
     return ref.p_log_p - cross, nll
