@@ -3,7 +3,7 @@
 On the toy problem with a latency table written in code (2- and 3-bit kernels slower than 4-bit
 ones, as the CPU's unpack path is) every registered searcher keeps every limit; repair finds a
 feasible plan where no step down helps; costs survive fusing and problem.json. On the tiny model:
-the latency table is measured once and cached next to the levels DB, a level without a kernel is
+the latency table is measured once and cached next to the levels DB, what the runtime cannot run is
 one clear error, bad flags are one line and exit 2, and a search with --max-latency journals only
 plans under the limit (and their predicted latency).
 """
@@ -204,6 +204,7 @@ def test_table_is_measured_once_and_cached_next_to_the_db(tiny_sessions, one_thr
     path.unlink(missing_ok=True)
     a = attach_hardware(session, problem, spec)
     assert path.is_file() and path.parent.parent == session.db.path and calls
+    assert len(latency.LatencyTable.load(path).kinds) == sum(map(len, problem.levels))   # kept: no DB reads again
     n = len(calls)
     b = attach_hardware(session, problem, spec)                 # cached: nothing timed again
     assert len(calls) == n
@@ -212,15 +213,20 @@ def test_table_is_measured_once_and_cached_next_to_the_db(tiny_sessions, one_thr
     assert a.budget == problem.budget                          # an objective adds costs, not limits
 
 
-def test_a_level_without_a_kernel_is_one_clear_error(tiny_sessions):
+def test_what_the_runtime_cannot_run_is_one_clear_error(tiny_sessions):
+    """Format and GGUF levels get rows (tests/test_runtime_latency.py); a level the DB lacks and a
+    unit that is no Linear (a block, a fused 3-D expert tensor) do not."""
     from planner.runtime.latency import LatencyTable, NoKernel, latency_costs, measure_table
 
     session = tiny_sessions("fp32")
     p = session.problem(Budget(3.0, Metric.BITS))
-    pruned = dataclasses.replace(p, levels=tuple(("sparsegpt-s50", *lad[1:]) for lad in p.levels), _index={})
-    for call in (lambda: measure_table(session.loaded.model, pruned, session.db, reps=1),
-                 lambda: latency_costs(LatencyTable("cpu", "float32", 1), pruned, session.db, 1)):
-        with pytest.raises(NoKernel, match="'sparsegpt-s50' of .* has no packed kernel") as e:
+    unknown = dataclasses.replace(p, levels=tuple(("sparsegpt-s50", *lad[1:]) for lad in p.levels), _index={})
+    block = dataclasses.replace(p, units=("model.layers.0.mlp", *p.units[1:]), _index={})
+    for call, match in ((lambda: measure_table(session.loaded.model, unknown, session.db, reps=1), "has no level"),
+                        (lambda: latency_costs(LatencyTable("cpu", "float32", 1), unknown, session.db, 1), "has no level"),
+                        (lambda: measure_table(session.loaded.model, block, session.db, reps=1),
+                         "model.layers.0.mlp is a LlamaMLP, not a Linear")):
+        with pytest.raises(NoKernel, match=match) as e:
             call()
         assert "\n" not in str(e.value)
 

@@ -47,14 +47,18 @@ def table_path(db_path: Path, model: nn.Module) -> Path:
     return Path(db_path) / "latency" / f"{device_slug(model)}.json"
 
 
+def _entries(table: LatencyTable) -> tuple[int, int, int]:
+    return len(table.rows), len(table.rest), len(table.kinds)
+
+
 def cached_table(model: nn.Module, problem: Problem, db, batch: int, reps: int = 10) -> LatencyTable:
     """The device's latency table from the cache next to the levels DB, measuring (and saving) only
-    the rows this problem needs that it lacks."""
+    the rows this problem needs that it lacks (and the row kinds of its levels, which cost DB reads)."""
     path = table_path(db.path, model)
     table = LatencyTable.load(path) if path.is_file() else None
-    before = None if table is None else (len(table.rows), len(table.rest))
+    before = None if table is None else _entries(table)
     table = measure_table(model, problem, db, batches=(batch,), reps=reps, table=table)
-    if before != (len(table.rows), len(table.rest)):
+    if before != _entries(table):
         path.parent.mkdir(parents=True, exist_ok=True)
         table.save(path)
     return table

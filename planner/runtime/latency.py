@@ -7,17 +7,19 @@ on the evaluating device through the packed runtime, and plan latency predicted 
     cost = latency_costs(table, problem, db, batch=1)             # [U, L] seconds, like unit_cost
 
 A prediction is additive: the measured time of the model's dense forward minus its planned linears
-(embeddings, attention, norms, lm_head: `rest`), plus each unit's measured packed-linear time at
-its level. Levels that share (shape, bits, group size, symmetry) share a row, so a GPTQ and an RTN
-level of one shape cost one measurement. Additivity ignores cache effects between layers; the bench
-checks it against an end-to-end measurement (bench/kernels_cpu.py).
+(embeddings, attention, norms, lm_head: `rest`), plus each unit's measured time at its level of the
+module the runtime runs for it (`runtime_linear`: a PackedLinear on the kernels, or a DequantLinear
+that dequantizes its stored payload at every forward). Rows are keyed by that module's kind
+(`runtime_kind`): a kernel scheme (bits, group size, symmetry), so a GPTQ and an RTN level of one
+shape cost one measurement, or `dequant:<stored format>` (e.g. `dequant:gguf Q4_K`). Additivity
+ignores cache effects between layers; the bench checks it against an end-to-end measurement
+(bench/kernels_cpu.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +32,7 @@ from torch import nn
 from planner.errors import PlannerError
 from planner.levels.db import LevelsDB
 from planner.problem import Problem
-from planner.runtime.packed import PackedLinear
+from planner.runtime.packed import runtime_kind, runtime_linear
 
 DENSE = "dense"
 
@@ -53,6 +55,7 @@ class LatencyTable:
     threads: int
     rows: dict[str, dict] = field(default_factory=dict)     # key -> {"seconds": s, "bytes": b}
     rest: dict[str, float] = field(default_factory=dict)    # str(batch) -> seconds outside the planned linears
+    kinds: dict[str, str] = field(default_factory=dict)     # "unit|level" -> row kind (runtime_kind): a DB read saved
 
     @staticmethod
     def key(shape: tuple[int, int], scheme: str, batch: int) -> str:
@@ -73,37 +76,36 @@ class LatencyTable:
         return cls(**json.loads(Path(path).read_text()))
 
 
-_SCHEME = re.compile(r"^(?:gptq|rtn)-b(\d+)-(?:g(\d+)|pc)(-sym)?$")
-
-
 class NoKernel(PlannerError):
-    """A unit or level the packed runtime cannot time (no kernel for it), so no latency table."""
-
-
-def scheme_of(level: str) -> str | None:
-    """What decides an integer-grid level's speed: bits, group size and symmetry (not how its codes
-    were chosen); None for a level the packed runtime has no kernel for (pruned, dropped, GGUF)."""
-    m = _SCHEME.match(level)
-    if m is None:
-        return None
-    return f"b{m.group(1)}-g{m.group(2) or 0}-{'sym' if m.group(3) else 'asym'}"
-
-
-def schemes(db: LevelsDB) -> dict[str, str]:
-    """level id -> scheme, for every level of the DB with a packed kernel (gptq / rtn grids)."""
-    return {lv.id: sc for u in db.units for lv in db.levels(u) if (sc := scheme_of(lv.id)) is not None}
+    """A unit or level the runtime cannot run, so no latency row (a unit that is no Linear, a level
+    the levels DB lacks, a kernel that fails on the device)."""
 
 
 def unit_shape(db: LevelsDB, unit: str) -> tuple[int, int]:
     return tuple(db.manifest["units"][unit]["shape"])
 
 
-def _scheme(level: str, unit: str) -> str:
-    sc = scheme_of(level)
-    if sc is None:
-        raise NoKernel(f"level {level!r} of {unit} has no packed kernel to time (latency tables cover gptq/rtn "
-                       "integer levels): drop the latency limit/objective or search a gptq/rtn space")
-    return sc
+def kind_of(table: LatencyTable, db: LevelsDB, unit: str, level: str) -> str:
+    """The row kind of `unit` at `level`: the kind of module the runtime builds for it (`runtime_kind`),
+    remembered in the table, since deciding it reads the level from the DB."""
+    key = f"{unit}|{level}"
+    if key not in table.kinds:
+        if unit not in db.manifest["units"] or level not in {lv.id for lv in db.levels(unit)}:
+            raise NoKernel(f"the levels DB has no level {level!r} for {unit}: no runtime module to time")
+        table.kinds[key] = runtime_kind(db.load(unit, level), level)
+    return table.kinds[key]
+
+
+def _linear(model: nn.Module, unit: str) -> nn.Linear:
+    try:
+        module = model.get_submodule(unit)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        what = "not a module" if module is None else f"a {type(module).__name__}"
+        raise NoKernel(f"{unit} is {what}, not a Linear: the latency table times linears only (the runtime "
+                       "replaces linears)")
+    return module
 
 
 def _members(problem: Problem, i: int) -> tuple[str, ...]:
@@ -113,18 +115,19 @@ def _members(problem: Problem, i: int) -> tuple[str, ...]:
 @torch.no_grad()
 def measure_table(model: nn.Module, problem: Problem, db: LevelsDB, batches: tuple[int, ...] = (1,),
                   reps: int = 10, table: LatencyTable | None = None) -> LatencyTable:
-    """Time every distinct (shape, scheme) of the problem and the dense linears at each batch size,
-    and the model's time outside its planned linears, in the model's dtype on its device.
+    """Time every distinct (shape, kind) of the problem and the dense linears at each batch size, and
+    the model's time outside its planned linears, in the model's dtype on its device.
     Rows already in `table` are kept, not measured again (a cached table grows)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     table = table or LatencyTable(str(device), str(dtype).removeprefix("torch."), torch.get_num_threads())
     todo: dict[tuple[tuple[int, int], str], tuple[str, str]] = {}
     for i in range(problem.n_units):
         for u in _members(problem, i):
+            _linear(model, u)
             shape = unit_shape(db, u)
             todo.setdefault((shape, DENSE), (u, ""))
             for level in problem.levels[i]:
-                todo.setdefault((shape, _scheme(level, u)), (u, level))
+                todo.setdefault((shape, kind_of(table, db, u, level)), (u, level))
     for (shape, kind), (u, level) in todo.items():
         missing = [b for b in batches if table.key(shape, kind, b) not in table.rows]
         if missing:
@@ -140,13 +143,12 @@ def measure_table(model: nn.Module, problem: Problem, db: LevelsDB, batches: tup
 
 def _time_linear(model: nn.Module, db: LevelsDB, unit: str, level: str, shape: tuple[int, int], kind: str,
                  batches: list[int], reps: int, table: LatencyTable) -> None:
-    """One (shape, scheme) row per batch size, timed on `unit` (dense, or packed at `level`)."""
-    dense = model.get_submodule(unit)
-    if not isinstance(dense, nn.Linear):
-        raise NoKernel(f"{unit} is a {type(dense).__name__}, not a Linear: the latency table times linears only")
+    """One (shape, kind) row per batch size, timed on `unit`: dense, or the module the runtime builds
+    for it at `level` (a PackedLinear, or a DequantLinear that dequantizes at every call)."""
+    dense = _linear(model, unit)
     device, dtype = dense.weight.device, dense.weight.dtype
     try:
-        mod = dense if kind == DENSE else PackedLinear.from_quantized(db.load(unit, level), dense.bias).to(device)
+        mod = dense if kind == DENSE else runtime_linear(db.load(unit, level), dense.bias, level=level).to(device)
         nbytes = dense.weight.numel() * dense.weight.element_size() if kind == DENSE else mod.weight_nbytes
         for b in batches:
             x = torch.randn(b, shape[1], dtype=dtype, device=device)
@@ -162,7 +164,7 @@ def latency_costs(table: LatencyTable, problem: Problem, db: LevelsDB, batch: in
     a fused unit costs the sum of its members."""
     out = np.full((problem.n_units, max(len(lad) for lad in problem.levels)), np.nan)
     for i in range(problem.n_units):
-        out[i, :len(problem.levels[i])] = [sum(table.seconds(unit_shape(db, u), _scheme(lv, u), batch)
+        out[i, :len(problem.levels[i])] = [sum(table.seconds(unit_shape(db, u), kind_of(table, db, u, lv), batch)
                                                for u in _members(problem, i)) for lv in problem.levels[i]]
     return out
 

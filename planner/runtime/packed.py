@@ -144,13 +144,19 @@ class PackedLinear(nn.Module):
                 f"group_size={self.group_size}, kernel={self.kind}, bias={self.bias is not None}")
 
 
-def describe(stored: Stored) -> str:
-    """A short name of a stored level's kind, for reprs where the level id is not known."""
+def stored_format(stored: Stored) -> str | None:
+    """The name of a stored level's layout independent of how its values were chosen ("gguf Q4_K" as
+    stored, after any fallback; "format nf4-g32" without the rounding), None for kinds without one."""
     if isinstance(stored, GGUFWeight):
         return f"gguf {stored.gguf_type}"
     if isinstance(stored, FormatWeight):
         return f"format {format_id(stored.fmt)}"
-    return type(stored).__name__
+    return None
+
+
+def describe(stored: Stored) -> str:
+    """A short name of a stored level's kind, for reprs where the level id is not known."""
+    return stored_format(stored) or type(stored).__name__
 
 
 class DequantLinear(nn.Module):
@@ -199,6 +205,20 @@ def runtime_linear(stored: Stored, bias: torch.Tensor | None = None, cpu_kind: C
     else a DequantLinear (documented above)."""
     qw = kernel_form(stored)
     return PackedLinear.from_quantized(qw, bias, cpu_kind) if qw is not None else DequantLinear(stored, bias, level)
+
+
+def scheme(spec: QuantSpec) -> str:
+    """What decides a packed kernel's speed and bytes: bits, group size, symmetry (not how the codes
+    were chosen, so a GPTQ, an RTN, an int-sym format and a GGUF Q4_0 level can share it)."""
+    return f"b{spec.bits}-g{max(spec.group_size, 0)}-{'sym' if spec.symmetric else 'asym'}"
+
+
+def runtime_kind(stored: Stored, level: str) -> str:
+    """The kind of the module `runtime_linear` builds for a stored level, as far as its time and bytes
+    go: the kernel's `scheme` for a PackedLinear, `dequant:<stored format>` for a DequantLinear (the
+    level id for kinds without a format name, e.g. sparse levels). The latency table keys rows by it."""
+    qw = kernel_form(stored)
+    return scheme(qw.spec) if qw is not None else f"dequant:{stored_format(stored) or level}"
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
