@@ -155,6 +155,11 @@ class _Progress:
         self.tokens += sum(c.fidelity.tokens for c in candidates)
         return self._evaluator.evaluate(candidates)
 
+    @property
+    def expect(self):
+        """The executor's prefetch hint (the Ray executor's), or None."""
+        return getattr(self._evaluator, "expect", None)
+
     def on_result(self, row: Row) -> None:
         if row.error is None and row.label != "parent":
             self.best = min(self.best, row.kl)
@@ -186,7 +191,8 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
         done[r.method] = done.get(r.method, 0) + 1
     uniform = make_searcher("uniform", problem, {"tokens": uniform_tokens, "include_over_budget": True}, seed)
     with _Progress(session, len(uniform.ask()), "uniform baselines", evaluator, done.get("uniform", 0)) as pr:
-        run_search(uniform, problem, pr.evaluate, run, on_result=pr.on_result, checkpoint="checkpoint.uniform.json")
+        run_search(uniform, problem, pr.evaluate, run, on_result=pr.on_result, checkpoint="checkpoint.uniform.json",
+                   expect=pr.expect)
     if method == "uniform":
         if uniform.best() is None:
             raise PlannerError(f"no uniform plan or two-level mix meets {problem.budget}: search with --method evo")
@@ -206,7 +212,7 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
     searcher = make_searcher(method, problem, config, seed)
     total = _expected_evals(method, config, searcher)
     with _Progress(session, total, method, evaluator, done.get(method, 0)) as pr:
-        run_search(searcher, problem, pr.evaluate, run, on_result=pr.on_result)
+        run_search(searcher, problem, pr.evaluate, run, on_result=pr.on_result, expect=pr.expect)
     return searcher.best()
 
 

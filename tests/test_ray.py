@@ -1,7 +1,7 @@
 """The Ray executor on a local Ray with 2 CPU workers, tiny model, fp32: the same results as the
 in-process evaluator (bit for bit, tasks cut by candidates and by windows, inside a batch too),
 also where one worker makes a window's reference and the other fetches it through the object
-store, the same final plan when a worker is killed by its pid in the middle of a search, and
+store, or makes the next stage's references while idle (prefetch), the same final plan when a worker is killed by its pid in the middle of a search, and
 `planner search --workers 2` end to end (workers.jsonl)."""
 
 from __future__ import annotations
@@ -96,6 +96,33 @@ def test_shared_references_give_identical_kl(sessions, one_thread):
     want = local.evaluator(problem).evaluate(cands)
     assert [(r.kl, r.ppl, r.error) for r in got] == [(r.kl, r.ppl, r.error) for r in want]
     assert ev.reference_counts == {"made": 1, "fetched": 1} and len(ev.backend.references) == 1
+
+
+def test_prefetched_references_give_identical_kl(sessions, one_thread):
+    """The search loop announces the next stage (`expect`): the worker left idle by a one-task batch
+    makes and publishes some of that stage's references meanwhile (a filler: dispatched once the
+    dispatcher has timed a task), the next batch is cut with those windows ready (no task produces
+    them, each fetches them or has it) and every KL equals the in-process one."""
+    local, remote = sessions
+    problem = local.problem(parse_budget("3.0bits"))
+    rng = np.random.default_rng(2)
+    parent = np.full(problem.n_units, 1)
+    xs = [tuple(int(v) for v in level_switch(parent, problem, rng, 1)) for _ in range(3)]
+    ev = remote.evaluator(problem)          # a new problem: new evaluators on the workers, no references yet
+    ev.evaluate([Candidate(xs[0], Fidelity(64, 20))])          # one task timed: seconds per cost known
+    after = Fidelity(256, 22)
+    ev.expect([after])
+    cands = [Candidate(xs[1], Fidelity(64, 21))]                 # one plan on one window: one task
+    later = [Candidate(x, after) for x in xs]                    # 3 plans on 4 windows
+    got = ev.evaluate(cands)
+    windows = local.windows.draw(after.tokens, after.seed)
+    ready = [i for i, w in enumerate(windows) if int(w) in ev.backend.references]
+    assert ready and not any(t.produces and set(t.windows) & set(ready)
+                             for t in split(0, np.array(xs), len(windows), 2, ev.cost, ready=ready))
+    got += ev.evaluate(later)
+    want = local.evaluator(problem).evaluate(cands + later)
+    assert [(r.kl, r.ppl, r.error) for r in got] == [(r.kl, r.ppl, r.error) for r in want]
+    assert ev.reference_counts["made"] <= 1 + 1 + len(windows) and ev.reference_counts["fetched"] <= len(ready)
 
 
 def _search(session, path):

@@ -6,8 +6,10 @@ retires a worker that keeps dying and gives up a task that kills every worker; a
 in-process) with a weight cache far smaller than the levels, on batches cut anywhere, gives the
 in-process numbers, and so does one whose references come from another worker's hidden states
 (fp32 and bf16: the same reference tensors, bit for bit) or, when that worker died, are made
-mid-plan; and, with simulated (sleeping) workers and shared references, EvoPress's paper schedule
-and a wide workload keep >= 90% of linear speed-up up to 32 workers (docs/scale.md)."""
+mid-plan; fillers (the next stages' references, which evo announces and the loop passes on) run
+only on workers idle in a run's tail, are not waited for and are not retried; and, with simulated
+(sleeping) workers, shared and prefetched references, EvoPress's paper schedule and a wide workload
+keep >= 90% of linear speed-up up to 32 workers (docs/scale.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import pytest
 from planner.distributed.dispatch import Dispatcher, Done, WorkerLost, WorkersLost
 from planner.distributed.references import ReferenceTable
 from planner.distributed.simulate import SCHEDULES, Stage, offspring, simulate
-from planner.distributed.tasks import CostModel, fold, lpt_order, split
+from planner.distributed.tasks import CostModel, fold, lpt_order, split, spread
 
 COST = CostModel(np.repeat(np.arange(8), 7), 8, 2.0)
 SHARED = CostModel(np.repeat(np.arange(8), 7), 8, 2.0, publish=0.1, fetch=0.3)
@@ -148,6 +150,80 @@ def test_no_live_worker_left_is_an_error():
         d.run(Scripted(always={1}), [1], [0])
 
 
+class Clocked:
+    """A discrete-event backend: a payload (name, seconds) ends `seconds` after it was handed out, wait()
+    moves the clock (the dispatcher's time.perf_counter, patched) to the next end; names in `die` end
+    in a lost worker."""
+
+    def __init__(self, die=()):
+        self.now, self.die, self.handed = 0.0, set(die), []
+
+    def submit(self, worker, payload):
+        name, seconds = payload
+        self.handed.append((self.now, worker, name))
+        return self.now + seconds, len(self.handed), worker, name, seconds
+
+    def wait(self, futures):
+        self.now = min(f[0] for f in futures)
+        return [f for f in futures if f[0] == self.now]
+
+    def result(self, future):
+        if future[3] in self.die:
+            raise WorkerLost(f"{future[3]} died")
+        return Done(future[3], seconds=future[4], tokens=0)
+
+
+def test_fillers_only_fill_the_tail_and_are_not_waited_for(monkeypatch):
+    """Fillers go to workers idle once the queue is empty, only while one is expected to end by the last
+    task's end (a third of its length past it at most: seconds per cost learned from the tasks timed);
+    run() returns when its tasks are done, a filler still running keeps its worker into the next run(),
+    one never handed out is dropped, and one whose worker died is not retried."""
+    from planner.distributed import dispatch
+
+    backend = Clocked(die={"f1"})
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: backend.now)
+    d = Dispatcher(2)
+    fill = [dispatch.Filler((f"f{i}", 3.0), 3.0) for i in range(9)]
+    out = d.run(backend, [("a", 10.0), ("b", 2.0)], [0, 1], costs=[10.0, 2.0], filler=fill)
+    assert out == {0: "a", 1: "b"} and backend.now == 10.0
+    # b ends at 2 (1 s per cost); f0 at 2-5, f1 at 5-8 (dies there), f2 at 8-11: 8 + 2 <= 10; the rest dropped
+    assert [(t, w, n) for t, w, n in backend.handed[2:]] == [(2.0, 1, "f0"), (5.0, 1, "f1"), (8.0, 1, "f2")]
+    assert d.stats[1].deaths == 1
+    out = d.run(backend, [("c", 1.0), ("d", 1.0)], [0, 1], costs=[1.0, 1.0])
+    assert out == {0: "c", 1: "d"}
+    assert backend.handed[5] == (10.0, 0, "c")          # worker 1 still makes f2's reference
+    assert backend.handed[6][0::2] == (11.0, "d")       # on whichever worker is free at 11
+    assert sum(s.tasks for s in d.stats) == 6 and d.stats[1].tasks >= 3     # f2 counted, f1 (dead) not
+    assert not d.run(Clocked(), [], [], filler=fill)                 # nothing to do: no filler either
+
+
+def test_evo_announces_the_fidelities_it_asks_next(tmp_path):
+    """run_search hands `expect` the searcher's upcoming() before each evaluation: for evo, exactly the
+    fidelities of its next batches (the rest of the generation, then the next generation's first
+    stage; nothing after the last), which depend on no result; a searcher without upcoming() gives []."""
+    from planner.rundir import RunDir
+    from planner.search import make_searcher, run_search
+    from tests.test_search_contract import evaluator, toy_problem
+
+    problem, score = toy_problem(), evaluator(toy_problem())
+    asked, hints = [], []
+
+    def evaluate(cands):
+        asked.append(cands[0].fidelity)
+        return score(cands)
+
+    evo = make_searcher("evo", problem, {"generations": 3, "offspring": 6, "stages": [[3, 128], [1, 256], [1, 512]]}, 0)
+    run_search(evo, problem, evaluate, RunDir.create(tmp_path / "evo", {"method": "evo"}), expect=hints.append)
+    assert len(hints) == len(asked) == 9 and len({f.seed for f in asked}) == 9
+    for i, hint in enumerate(hints):
+        generation, stage = divmod(i, 3)
+        assert len(hint) == 2 - stage + (generation < 2) and hint == asked[i + 1:i + 1 + len(hint)]
+    hints.clear()
+    uniform = make_searcher("uniform", problem, {"tokens": 128}, 0)
+    run_search(uniform, problem, score, RunDir.create(tmp_path / "uniform", {"method": "uniform"}), expect=hints.append)
+    assert hints and all(h == [] for h in hints)
+
+
 def test_evo_schedules():
     assert SCHEDULES["paper"] == [Stage(128, 1), Stage(16, 8), Stage(5, 64)]
     assert SCHEDULES["cpu"] == [Stage(16, 1), Stage(5, 4)]
@@ -169,14 +245,42 @@ def _best_of(n: int, run):
 def test_simulated_paper_schedule_keeps_90_percent_up_to_32_workers(workers):
     """EvoPress's paper schedule on sleeping workers (Llama-3-8B on H100s), each window's reference
     made once and fetched by the other tasks on it (measured object-store times, the network, the
-    head), consumers waiting for their producers, every task charged its anchor pass: the task grid
-    allows >= 90% of linear speed-up over one in-process worker up to 32 workers, and the measured
-    wall (dispatch, waits, this loaded machine's thread jitter) keeps it within 2%. At 32 the grid's
-    ceiling is ~0.91: the first stage, 128 plans of about one forward each on one window, cannot be
-    cut into 32 equal runs of plans (docs/scale.md)."""
+    head), consumers waiting for their producers, every task charged its anchor pass, and the next
+    stages' references prefetched by workers idle in a stage's tail (each paying its forward, its
+    publish and a task's fixed costs; the tasks then fetch them): >= 90% of linear speed-up over one
+    in-process worker up to 32 workers, measured (dispatch, waits, this loaded machine's thread
+    jitter). At 32 the grid allows ~0.92: the first stage, 128 plans of about one forward each on
+    one window, cannot be cut into 32 equal runs of plans (docs/scale.md)."""
     r = _best_of(3, lambda: simulate(SCHEDULES["paper"], workers, unit_s=0.0025 * workers))   # ~1.6 s of wall each
     assert r.granularity >= 0.9 and r.dispatch >= 0.9, r
-    assert r.overall >= {2: 0.95, 4: 0.95, 8: 0.93, 16: 0.92, 32: 0.88}[workers], r
+    assert r.overall >= {2: 0.95, 4: 0.95, 8: 0.93, 16: 0.92, 32: 0.90}[workers], r
+
+
+def test_prefetched_references_lift_the_32_worker_grid():
+    """Prefetch never plans a slower schedule (a filler starts only where it ends about with its stage)
+    and, at 32 workers, makes the second stage's 8 references in the first stage's tail: the grid
+    gains a point (0.910 -> 0.920), with 8 or more windows ready when their stage is cut."""
+    for workers in (2, 4, 8, 16, 32):
+        with_ = simulate(SCHEDULES["paper"], workers, sleep=False)
+        without = simulate(SCHEDULES["paper"], workers, prefetch=False, sleep=False)
+        assert with_.granularity >= without.granularity - 1e-12 and without.prefetched == 0, (with_, without)
+    assert with_.granularity - without.granularity > 0.005 and with_.prefetched >= 8, (with_, without)
+
+
+def test_split_fetches_ready_windows_and_spread_spreads_them():
+    """Windows made before a group is cut (prefetched) are fetched by every task on them and produced
+    by none; `spread` orders a stage's windows so that any prefix of it is even over the stage's runs."""
+    X = offspring(np.random.default_rng(2), 56, 16)
+    cold, warm = split(0, X, 8, 32, SHARED), split(0, X, 8, 32, SHARED, ready=range(8))
+    assert any(t.produces for t in cold) and not any(t.produces for t in warm)
+    assert sum(t.cost for t in warm) < sum(t.cost for t in cold)
+    half = split(0, X, 8, 32, SHARED, ready=range(0, 8, 2))
+    assert all(t.produces == (t.members == half[0].members and t.start % 2 == 1) for t in half if t.stop - t.start == 1)
+    assert spread(8) == [0, 4, 2, 6, 1, 5, 3, 7] and sorted(spread(13)) == list(range(13))
+    order = spread(64)      # however many are made, each of p equal runs holds its share within one window
+    for p, k in itertools.product((2, 4, 8, 16, 32), range(65)):
+        per_run = np.bincount(np.array(order[:k], dtype=int) * p // 64, minlength=p)
+        assert per_run.max() - per_run.min() <= 1
 
 
 def test_shared_references_lift_the_32_worker_grid():

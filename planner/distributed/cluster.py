@@ -44,6 +44,9 @@ class ClusterSpec:
     # ObjectRefs, in bytes: 2 GB is ~120 windows of 2048 tokens of Llama-3-8B in bf16); 0: every
     # task makes the references of its windows itself
     reference_bytes: float = 2e9
+    # workers idle in a batch's tail make the references of the batches the searcher announced next
+    # (EvoPress's next stages), which then start with them made; off: each batch makes its own
+    prefetch: bool = True
     start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:

@@ -10,6 +10,12 @@ back to the front of the queue and runs on the next idle worker, which may be th
 once Ray has restarted it. A worker that died more than `max_restarts` times is retired; a task
 that was in flight on `max_attempts` deaths is given up (its candidates become failed results,
 which the searcher accepts: a plan that kills every worker must not stall the search).
+
+Fillers (`Filler`): work worth doing only on a worker that would otherwise idle in a run's tail,
+the next stage's base-model references (ray_executor.py). Handed out once the queue is empty and
+only when expected to end about when the run's last task does (the task costs the caller gives,
+in seconds learned from the tasks timed so far), never retried, and never waited for: one still
+running when the last task is done keeps its worker busy into the next run().
 """
 
 from __future__ import annotations
@@ -69,6 +75,26 @@ class Done:
     pid: int = 0
 
 
+# how far past the last task in flight a filler may be expected to run: a third of its length. A filler
+# makes one window's reference (~1.2 forwards with its publish) and saves the next stage 0.8 (a fetch
+# instead of the forward); one that ran further would delay that stage's start by more than it saves
+FILLER_SLACK = 1 / 3
+
+
+@dataclass(frozen=True)
+class Filler:
+    payload: object
+    cost: float              # estimated, in the units of the tasks' costs
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    task: int | None         # None: a filler
+    worker: int
+    cost: float
+    start: float             # time.perf_counter() when handed out
+
+
 class Dispatcher:
     def __init__(self, workers: int, max_restarts: int = 2, max_attempts: int = 3):
         self.stats = [WorkerStats(i) for i in range(workers)]
@@ -77,36 +103,46 @@ class Dispatcher:
         self.on_submit: Callable[[int, int], None] | None = None   # (worker, task index): tests, logging
         self.log: Path | None = None     # workers.jsonl: one row per worker after every run()
         self.calls = 0
+        self._filling: dict[object, _InFlight] = {}    # fillers still running after the last run()
+        self._timed = (0.0, 0.0)     # seconds measured and cost estimated, summed over tasks given a cost
 
     @property
     def live(self) -> list[int]:
         return [s.worker for s in self.stats if not s.retired]
 
+    def seconds_per_cost(self) -> float | None:
+        """Seconds the workers took per unit of estimated cost, over every timed task so far."""
+        seconds, cost = self._timed
+        return seconds / cost if cost > 0 else None
+
     def run(self, backend: Backend, payloads: Sequence, order: Sequence[int],
-            on_done: Callable[[int, object], None] | None = None) -> dict[int, object | WorkerLost]:
+            on_done: Callable[[int, object], None] | None = None, costs: Sequence[float] | None = None,
+            filler: Sequence[Filler] = ()) -> dict[int, object | WorkerLost]:
         """Run every payload once; returns task index -> output (or the WorkerLost that ended it
-        after `max_attempts`). `order` is the submission order (longest first)."""
+        after `max_attempts`). `order` is the submission order (longest first); `costs`, the tasks'
+        estimated costs, time them (and let `filler` in: see the module's docstring)."""
         t0 = time.perf_counter()
-        queue, idle = deque(order), deque(self.live)
+        queue, spare = deque(order), deque(filler)
+        inflight: dict[object, _InFlight] = self._filling      # task None: a filler
+        self._filling = {}
+        idle = deque(w for w in self.live if w not in {f.worker for f in inflight.values()})
         attempts = dict.fromkeys(range(len(payloads)), 0)
-        inflight: dict[object, tuple[int, int]] = {}
         out: dict[int, object | WorkerLost] = {}
         try:
-            while queue or inflight:
-                while queue and idle:
-                    w, t = idle.popleft(), queue.popleft()
-                    inflight[backend.submit(w, payloads[t])] = (t, w)
-                    if self.on_submit is not None:
-                        self.on_submit(w, t)
+            while queue or any(f.task is not None for f in inflight.values()):
+                self._hand_out(backend, payloads, costs, queue, spare, idle, inflight)
                 if not inflight:
                     raise WorkersLost(f"all {len(self.stats)} workers died more than {self.max_restarts} times each; "
                                       "the run dir keeps every finished evaluation: resume with --resume")
                 for f in backend.wait(list(inflight)):
-                    t, w = inflight.pop(f)
+                    held = inflight.pop(f)
+                    t, w = held.task, held.worker
                     try:
                         done = backend.result(f)
                     except WorkerLost as e:
                         self._died(w, idle)
+                        if t is None:
+                            continue
                         attempts[t] += 1
                         if attempts[t] < self.max_attempts:
                             queue.appendleft(t)
@@ -115,15 +151,37 @@ class Dispatcher:
                         continue
                     s = self.stats[w]
                     s.tasks, s.tokens, s.busy_s, s.pid = s.tasks + 1, s.tokens + done.tokens, s.busy_s + done.seconds, done.pid
+                    if held.cost > 0:
+                        self._timed = (self._timed[0] + done.seconds, self._timed[1] + held.cost)
                     idle.append(w)
+                    if t is None:
+                        continue
                     out[t] = done.output
                     if on_done is not None:
                         on_done(t, done.output)
         finally:
+            self._filling = {f: held for f, held in inflight.items() if held.task is None}
             self.wall_s += time.perf_counter() - t0
             self.calls += 1
             self._write_log()
         return out
+
+    def _hand_out(self, backend: Backend, payloads: Sequence, costs: Sequence[float] | None, queue: deque,
+                  spare: deque, idle: deque, inflight: dict) -> None:
+        """Tasks to idle workers in queue order; once the queue is empty, fillers in order while the next
+        one is expected to end by the last task's expected end (plus FILLER_SLACK of its own length)."""
+        while idle and queue:
+            w, t = idle.popleft(), queue.popleft()
+            inflight[backend.submit(w, payloads[t])] = _InFlight(t, w, costs[t] if costs else 0.0, time.perf_counter())
+            if self.on_submit is not None:
+                self.on_submit(w, t)
+        rate = self.seconds_per_cost()
+        while idle and spare and rate is not None:
+            ends = [f.start + f.cost * rate for f in inflight.values() if f.task is not None]
+            if not ends or time.perf_counter() + (1 - FILLER_SLACK) * spare[0].cost * rate > max(ends):
+                return
+            w, fill = idle.popleft(), spare.popleft()
+            inflight[backend.submit(w, fill.payload)] = _InFlight(None, w, fill.cost, time.perf_counter())
 
     def _died(self, w: int, idle: deque) -> None:
         s = self.stats[w]

@@ -10,6 +10,12 @@ order, bit-identical to the in-process evaluator's (per-window sums added up in 
 A window's reference is made once per cluster (references.py): the backend sends a producer's
 actor a `reference` call just before its task, keeps one ObjectRef per window in a bounded table,
 and hands those refs to every later task on the window (in this call or a later one).
+
+Prefetch: the search loop tells the executor (`expect`) which fidelities the next batches will use
+(EvoSearcher.upcoming: a stage's windows derive from the seed, the generation and the stage, not from
+any result). Their windows become fillers of this call (dispatch.Filler, one window each, spread over
+each stage): a worker idle in this batch's tail makes and publishes one, and the next batch is cut
+with those windows ready, so its tasks fetch them instead of one of them making each first.
 """
 
 from __future__ import annotations
@@ -20,14 +26,14 @@ from collections import Counter
 
 import numpy as np
 
-from planner.distributed.dispatch import WorkerLost
+from planner.distributed.dispatch import Filler, WorkerLost
 from planner.distributed.references import ReferenceTable
-from planner.distributed.tasks import CostModel, Task, fold, lpt_order, split
-from planner.distributed.worker import Output, Work, WorkerSpec
+from planner.distributed.tasks import CostModel, Task, fold, lpt_order, split, spread
+from planner.distributed.worker import Output, Prefetch, Work, WorkerSpec
 from planner.errors import PlannerError
 from planner.evaluate.kl import Scores
 from planner.plan import Plan
-from planner.search.base import Candidate, Result
+from planner.search.base import Candidate, Fidelity, Result
 
 # the in-process evaluator's default batch: the fold order, hence bit-exactness, depends on it
 BATCH_WINDOWS = 4
@@ -39,8 +45,14 @@ class RayBackend:
         self.references = references     # None: every task makes its own references
         self._published: dict = {}       # future of a producer's task -> (windows, ObjectRefs) it publishes
 
-    def submit(self, worker: int, work: Work):
+    def submit(self, worker: int, work: Work | Prefetch):
         actor = self.actors[worker]
+        if isinstance(work, Prefetch):     # a filler: the first return is its Done, then one object per window
+            refs = actor.prefetch.options(num_returns=len(work.windows) + 1).remote(self.key, self.problem_ref,
+                                                                                   np.array(work.windows))
+            self.references.add(work.windows, refs[1:])
+            self._published[refs[0]] = (work.windows, refs[1:])
+            return refs[0]
         if self.references is None:
             return actor.run.remote(self.key, self.problem_ref, work)
         shared, make = self.references.roles(work.windows, work.publish)
@@ -108,6 +120,8 @@ class RayExecutor:
         self.on_scored = None      # called once per finished candidate (progress bars)
         self.evaluations = 0
         self.reference_counts = Counter()    # made: base-model forwards on the workers; fetched: from published states
+        self.prefetch = cluster.spec.prefetch and cap > 0
+        self._upcoming: list[int] = []       # windows of the batches announced by `expect`, in prefetch order
 
     @property
     def dispatcher(self):
@@ -132,6 +146,26 @@ class RayExecutor:
         if self.on_scored is not None:
             self.on_scored()
 
+    def expect(self, fidelities: list[Fidelity]) -> None:
+        """The fidelities of the batches after the next one, nearest first (a hint from the search
+        loop): the next `evaluate` makes their windows' references in its idle tail (prefetch)."""
+        windows: list[int] = []
+        for f in fidelities if self.prefetch else ():
+            try:
+                drawn = self.windows.draw(f.tokens, f.seed)
+            except PlannerError:        # too many tokens for the pool: evaluate() will say so, if it is asked
+                continue
+            windows += [int(drawn[i]) for i in spread(len(drawn))]
+        self._upcoming = list(dict.fromkeys(windows))
+
+    def _fillers(self, tasks: list[Task], windows: list[np.ndarray]) -> list[Filler]:
+        """One filler per announced window that is neither published nor about to be by this call."""
+        table = self.backend.references
+        made = {int(w) for t in tasks if t.produces for w in windows[t.group][t.start:t.stop]}
+        fill = [w for w in self._upcoming if w not in made and w not in table]
+        self._upcoming = []
+        return [Filler(Prefetch((w,)), self.cost.prefetch(1)) for w in fill]
+
     def evaluate(self, candidates: list[Candidate]) -> list[Result]:
         """One Result per candidate, in order; failures reported, never raised."""
         groups: dict[tuple[int, int], list[int]] = {}
@@ -141,7 +175,10 @@ class RayExecutor:
         windows = [self.windows.draw(t, s) for t, s in groups]
         X = [np.array([candidates[i].x for i in m]) for m in members]
         n = len(self.dispatcher.live) or 1
-        tasks = [t for g in range(len(members)) for t in split(g, X[g], len(windows[g]), n, self.cost, self.atom)]
+        table = self.backend.references
+        ready = [[i for i, w in enumerate(ws) if table is not None and int(w) in table] for ws in windows]
+        tasks = [t for g in range(len(members))
+                 for t in split(g, X[g], len(windows[g]), n, self.cost, self.atom, ready=ready[g])]
         work = [Work(tuple(tuple(int(v) for v in X[t.group][i]) for i in t.members), self._batches(windows[t.group], t),
                      publish=tuple(int(w) for w in windows[t.group][t.start:t.stop]) if t.produces else ())
                 for t in tasks]
@@ -153,7 +190,8 @@ class RayExecutor:
                 if not left[(tasks[k].group, i)]:
                     self._scored()
 
-        outputs = self.dispatcher.run(self.backend, work, lpt_order(tasks), done)
+        outputs = self.dispatcher.run(self.backend, work, lpt_order(tasks), done, costs=[t.cost for t in tasks],
+                                      filler=self._fillers(tasks, windows))
         self._count(outputs)
         sums = [np.full((len(w), len(m), 2), np.nan) for w, m in zip(windows, members, strict=True)]
         errors: dict[tuple[int, int], str] = {}

@@ -43,6 +43,10 @@ class ReferenceTable:
     def __len__(self) -> int:
         return len(self._handles)
 
+    def __contains__(self, window: Hashable) -> bool:
+        """Published (or being made), and not evicted; unlike `known`, not a use."""
+        return window in self._handles
+
     def known(self, windows: Iterable[Hashable]) -> dict[Hashable, object]:
         """The handles of those of `windows` that were published (and not evicted)."""
         out = {}

@@ -8,15 +8,20 @@ reference made once, by its producer, and fetched by the other tasks on it; the 
 every task's windows, its plans' suffixes, a fixed cost per forward call and per task) and the
 candidates (level vectors made like EvoPress offspring: 1-3 level switches of two units each).
 A consumer sleeps through its anchor pass and first plan, then waits until the producers of its
-windows have published (threading.Event), then sleeps the rest, as the worker does. What sharing
-costs (`Shipping`) comes from the object store's put and get times measured on this machine
-(bench/ray_scaling.py, section 3: `PUT_S`, `GET_S`), the bytes over the network and over PCIe, and
-the head a consumer runs. Ray's own per-task overhead (about a millisecond) is in section 3 too.
+windows have published (threading.Event), then sleeps the rest, as the worker does. With prefetch,
+the next stages' references are fillers (dispatch.Filler: a reference forward, its publish and a
+task's fixed costs, one window each) that workers idle in a stage's tail take up, and the next
+stage is cut with those windows ready; the clock stops while the driver plans a stage (SimClock),
+so a filler still running then gains nothing from the planning time, which the wall leaves out.
+What sharing costs (`Shipping`) comes from the object store's put and get times measured on this
+machine (bench/ray_scaling.py, section 3: `PUT_S`, `GET_S`), the bytes over the network and over
+PCIe, and the head a consumer runs. Ray's own per-task overhead (about a millisecond) is in section 3 too.
 
 Efficiencies reported per worker count W, against one worker running the in-process evaluator
 (one task per fidelity group: one reference per window, one anchor pass, every plan's suffix):
 
     granularity  in-process work / (W x planned makespan): what the task grid allows at best
+                 (`plan_stage`: the stages' longest-first timelines, fillers included)
     dispatch     planned makespan / measured wall time: what this layer loses on top
     overall      in-process work / (W x measured wall) = speedup / W
 """
@@ -24,15 +29,17 @@ Efficiencies reported per worker count W, against one worker running the in-proc
 from __future__ import annotations
 
 import concurrent.futures as cf
+import heapq
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
-from planner.distributed.dispatch import Dispatcher, Done
+from planner.distributed.dispatch import FILLER_SLACK, Dispatcher, Done, Filler
 from planner.distributed.references import ReferenceTable
-from planner.distributed.tasks import CostModel, Task, lpt_makespan, lpt_order, split
+from planner.distributed.tasks import CostModel, Task, lpt_order, split, spread
 
 # the object store's put (in the producing actor) and get + writable copy (in another actor), seconds,
 # for a 2048-token window's hidden states of the default model (2048 x 576 bf16) and of Llama-3-8B
@@ -127,6 +134,37 @@ class SimWork:
         return self.windows if self.task.produces else ()
 
 
+class SimClock:
+    """Seconds that stop while the driver plans the next stage (`paused`): the measured wall counts
+    only the dispatcher's time, so a worker still making references for the next stage (a filler)
+    must make no progress while the clock is stopped either."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stopped = 0.0                  # seconds the clock stood still, in all
+        self._since: float | None = None     # when the current pause began
+
+    def now(self) -> float:
+        with self._lock:
+            return (time.perf_counter() if self._since is None else self._since) - self._stopped
+
+    def sleep(self, seconds: float) -> None:
+        target = self.now() + seconds
+        while (left := target - self.now()) > 0:
+            time.sleep(left)
+
+    @contextmanager
+    def paused(self):
+        with self._lock:
+            self._since = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._stopped += time.perf_counter() - self._since
+                self._since = None
+
+
 class SleepBackend:
     """Worker i is a thread that sleeps for its task's cost times `unit_s`; a producer sets its windows'
     events after its references, a consumer waits for them before its first KL (as RayBackend and
@@ -136,20 +174,21 @@ class SleepBackend:
         self.unit_s = unit_s
         self.pool = cf.ThreadPoolExecutor(max_workers=workers)
         self.references = ReferenceTable(1 << 20)
+        self.clock = SimClock()
         self.waited = 0.0
 
     def _run(self, work: SimWork, waits: list[threading.Event], sets: list[threading.Event]) -> Done:
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         first = work.made if sets else work.before_kl if waits else work.task.cost
-        time.sleep(first * self.unit_s)
+        self.clock.sleep(first * self.unit_s)
         for e in sets:
             e.set()
-        t1 = time.perf_counter()
+        t1 = self.clock.now()
         for e in waits:
             e.wait()
-        self.waited += time.perf_counter() - t1
-        time.sleep(max(0.0, work.task.cost - first) * self.unit_s)
-        return Done(work.task, time.perf_counter() - t0, tokens=0)
+        self.waited += self.clock.now() - t1
+        self.clock.sleep(max(0.0, work.task.cost - first) * self.unit_s)
+        return Done(work.task, self.clock.now() - t0, tokens=0)
 
     def submit(self, worker: int, work: SimWork):
         shared, make = self.references.roles(work.windows, work.publish)
@@ -172,10 +211,11 @@ class SimResult:
     workers: int
     tasks: int
     inprocess: float     # one worker, one task per group (seconds of work)
-    planned: float       # LPT makespan of the chosen tasks
+    planned: float       # the planned timeline's makespan (plan_stage) of the chosen tasks and fillers
     wall: float          # measured
     busy: float          # sum of the workers' sleeps and waits
     waited: float = 0.0  # seconds consumers waited for their producers' references, summed
+    prefetched: int = 0  # windows whose references were made in the previous stage's tail
 
     @property
     def granularity(self) -> float:
@@ -199,10 +239,11 @@ def cost_model(n_blocks: int = 32, units_per_block: int = 7, head_blocks: float 
     return CostModel(np.repeat(np.arange(n_blocks), units_per_block), n_blocks, head_blocks, **shared)
 
 
-def _sim_work(stage: int, X: np.ndarray, t: Task, cost: CostModel) -> SimWork:
+def _sim_work(stage: int, X: np.ndarray, t: Task, cost: CostModel, ready: set[int]) -> SimWork:
     """`t` with its shared-reference keys and the two points where a worker's timeline meets others':
-    a producer's references made (the worker's `reference` call runs first), a consumer's first KL."""
-    n = t.stop - t.start
+    a producer's references made (the worker's `reference` call runs first; `ready` windows were
+    prefetched: it fetches those), a consumer's first KL."""
+    made = sum(w not in ready for w in t.windows)
     b1 = min(t.stop, (t.start // cost.batch_windows + 1) * cost.batch_windows) - t.start   # its first forward batch
     Xc = X[list(t.members)]
     if len(Xc) < 2:
@@ -210,32 +251,72 @@ def _sim_work(stage: int, X: np.ndarray, t: Task, cost: CostModel) -> SimWork:
     else:
         first = cost.firsts(Xc)
         before = b1 * (cost.anchor(first) + float(cost.suffixes(first)[0]))
-    return SimWork(t, tuple((stage, w) for w in t.windows), n * (cost.reference + cost.publish), before)
+    return SimWork(t, tuple((stage, w) for w in t.windows), made * (cost.reference + cost.publish), before)
+
+
+def _filler(key: tuple[int, int], cost: CostModel) -> Filler:
+    """A prefetch of one window's reference for a later stage: a producer with no plans."""
+    c = cost.prefetch(1)
+    return Filler(SimWork(Task(0, (), key[1], key[1] + 1, c, produces=True), (key,), c, 0.0), c)
+
+
+def plan_stage(free: list[float], costs: list[float], fillers: list[float]) -> tuple[float, int]:
+    """The planned timeline of one stage, as the dispatcher runs it: tasks longest first, each on the
+    worker free first (`free`: when each is, from the stage's start: a filler of the previous stage
+    may still hold it), then fillers in order, each on the worker free first while it would end by the
+    stage's last task (plus FILLER_SLACK of its length). Returns that end and how many fillers
+    started; `free` becomes the next stage's."""
+    heap = sorted(free)
+    end = 0.0
+    for c in sorted(costs, reverse=True):
+        end = max(end, heap[0] + c)
+        heapq.heapreplace(heap, heap[0] + c)
+    started = 0
+    while started < len(fillers) and heap[0] + (1 - FILLER_SLACK) * fillers[started] <= end:
+        heapq.heapreplace(heap, heap[0] + fillers[started])
+        started += 1
+    free[:] = [max(0.0, f - end) for f in heap]
+    return end, started
 
 
 def simulate(stages: list[Stage], workers: int, unit_s: float = 0.01, generations: int = 1,
              n_blocks: int = 32, units_per_block: int = 7, head_blocks: float = 2.4, seed: int = 0,
-             atom: int = 1, shipping: Shipping | None = LLAMA_8B_H100, sleep: bool = True) -> SimResult:
+             atom: int = 1, shipping: Shipping | None = LLAMA_8B_H100, sleep: bool = True,
+             prefetch: bool = True) -> SimResult:
     """Run `generations` of `stages` through the dispatcher on `workers` sleeping threads, `unit_s`
     seconds per full forward of one window; `atom` 4 keeps tasks on whole batches; `shipping` None:
-    references are not shared (every task makes those of its windows). With `sleep` False only the
+    references are not shared (every task makes those of its windows). With `prefetch` (and shared
+    references), workers left idle in a stage's tail make the references of the stages that follow
+    (fillers, one window each, nearest stage first: what EvoSearcher.upcoming() announces), and a
+    stage is cut with the windows already made (or being made) ready. With `sleep` False only the
     plan is made (wall = planned: the granularity alone, at no cost)."""
     rng = np.random.default_rng(seed)
     cost = cost_model(n_blocks, units_per_block, head_blocks, shipping)
     backend, dispatcher = SleepBackend(workers, unit_s), Dispatcher(workers)
-    n_tasks, inproc, planned, busy = 0, 0.0, 0.0, 0.0
+    schedule = [st for _ in range(generations) for st in stages]
+    n_tasks, inproc, planned, busy, prefetched = 0, 0.0, 0.0, 0.0, 0
+    free, started = [0.0] * workers, set()      # the planned timeline's workers, and windows it prefetched
     try:
-        for g in range(generations):
-            for i, st in enumerate(stages):
+        for k, st in enumerate(schedule):      # k: the stage's key in the table of shared references
+            with backend.clock.paused():       # the driver plans: a filler still running makes no progress
                 X = offspring(rng, n_blocks * units_per_block, st.candidates)
                 inproc += cost.inprocess(X, st.windows) * unit_s
-                tasks = split(0, X, st.windows, workers, cost, atom)
+                made = backend.references if sleep else started
+                ready = {w for w in range(st.windows) if (k, w) in made}
+                prefetched += len(ready)
+                tasks = split(0, X, st.windows, workers, cost, atom, ready=ready)
                 n_tasks += len(tasks)
-                planned += lpt_makespan([t.cost * unit_s for t in tasks], workers)
-                if sleep:
-                    work = [_sim_work(g * len(stages) + i, X, t, cost) for t in tasks]
-                    dispatcher.run(backend, work, lpt_order(tasks))
+                ahead = schedule[k + 1:k + 1 + len(stages)] if prefetch and cost.fetch is not None else []
+                fill = [(j, w) for j, later in enumerate(ahead, k + 1) for w in spread(later.windows) if (j, w) not in made]
+                end, n = plan_stage(free, [t.cost for t in tasks], [cost.prefetch(1)] * len(fill))
+                planned += end * unit_s
+                started.update(fill[:n])
+            if sleep:
+                work = [_sim_work(k, X, t, cost, ready) for t in tasks]
+                dispatcher.run(backend, work, lpt_order(tasks), costs=[t.cost for t in tasks],
+                               filler=[_filler(key, cost) for key in fill])
         busy = sum(s.busy_s for s in dispatcher.stats)
     finally:
         backend.close()
-    return SimResult(workers, n_tasks, inproc, planned, dispatcher.wall_s if sleep else planned, busy, backend.waited)
+    return SimResult(workers, n_tasks, inproc, planned, dispatcher.wall_s if sleep else planned, busy, backend.waited,
+                     prefetched)

@@ -9,7 +9,9 @@ What a task costs (CostModel, in full forwards of one window), per window of its
   chunks share a window, the first chunk's task is its *producer*: it makes the reference and
   publishes the base model's final hidden states (references.py), and the other chunks' tasks
   fetch them and apply only the head (`fetch`: the object store's get, the transfer, the head).
-  Without sharing (`fetch` None) every task on a window makes the reference;
+  Without sharing (`fetch` None) every task on a window makes the reference. A window whose
+  reference was made before its group was cut (`ready`: prefetched in the previous stage's tail,
+  `prefetch()` its cost there) is fetched by every task on it, and produced by none;
 - the anchor's pass (the chunk's per-unit majority plan, whose block inputs the prefix cache
   keeps) when two or more plans share it, then every plan's suffix from its first differing block;
 and per forward *call* (one per batch the run touches, for the reference, the anchor and each plan)
@@ -34,6 +36,7 @@ numpy only: no torch, no Ray.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,23 +84,32 @@ class CostModel:
         first = self.firsts(X)
         return self.anchor(first) + float(self.suffixes(first).sum())
 
-    def refs(self, chunks: int, chunk: int) -> float:
+    def refs(self, chunks: int, chunk: int, ready: bool = False) -> float:
         """Per window, the reference cost of the task of chunk `chunk` of `chunks` on the same windows:
-        chunk 0 makes (and, shared, publishes) it, the others fetch it when it is shared."""
+        chunk 0 makes (and, shared, publishes) it, the others fetch it when it is shared; every chunk
+        fetches it when it is `ready` (published before this group was cut: a prefetch)."""
+        if self.fetch is not None and ready:
+            return self.fetch
         if self.fetch is None or chunks < 2:
             return self.reference
         return self.reference + self.publish if chunk == 0 else self.fetch
+
+    def prefetch(self, n_windows: int) -> float:
+        """A task that only makes and publishes the references of `n_windows` windows (for a later
+        group: the next stage's windows, made in this stage's tail), with its fixed costs."""
+        return n_windows * (self.reference + self.publish) + self.batches(0, n_windows) * self.call + self.task
 
     def batches(self, start: int, stop: int) -> int:
         """In-process batches that windows start..stop-1 touch: a worker's forward calls per plan."""
         return (stop - 1) // self.batch_windows - start // self.batch_windows + 1
 
-    def run(self, per_window: float, n_plans: int, start: int, stop: int, reference: float | None = None) -> float:
-        """Plans costing `per_window` (`plans()`) on windows start..stop-1, each window's reference
-        costing `reference` (`refs()`; default: made here), without a task's fixed cost."""
+    def run(self, per_window: float, n_plans: int, start: int, stop: int, refs: float | None = None) -> float:
+        """Plans costing `per_window` (`plans()`) on windows start..stop-1, their references costing
+        `refs` in all (`refs()` summed over the windows; default: each made here), without a task's
+        fixed cost."""
         calls = self.batches(start, stop) * (1 + n_plans + (n_plans >= 2))
-        ref = self.reference if reference is None else reference
-        return (stop - start) * (ref + per_window) + calls * self.call
+        ref = (stop - start) * self.reference if refs is None else refs
+        return ref + (stop - start) * per_window + calls * self.call
 
     def inprocess(self, X: np.ndarray, n_windows: int) -> float:
         """The in-process evaluator's cost of a whole group (one worker, no task overhead)."""
@@ -118,16 +130,16 @@ class Task:
         return range(self.start, self.stop)
 
 
-def _chunks(first: np.ndarray, parts: int, cost: CostModel) -> list[list[int]]:
+def _chunks(first: np.ndarray, parts: int, cost: CostModel, unready: float = 1.0) -> list[list[int]]:
     """Candidates cut into at most `parts` chunks of about equal cost, each a run of the candidates
     sorted by first differing block: a chunk that leaves the anchor early then pays a short anchor
     pass (the evaluator runs it only as deep as its plans need). The first chunk also carries what
-    making the references costs more than fetching them (it is their producer when they are shared).
-    Bisection on the largest chunk."""
+    making the references costs more than fetching them (it is their producer when they are shared),
+    on the `unready` share of the windows (the others were prefetched). Bisection on the largest chunk."""
     order = [int(i) for i in np.argsort(first, kind="stable")]
     suffix = (cost.suffixes(first) + cost.call).tolist()      # a plan's suffix and its forward call
     anchor = [cost.anchor(first[i:i + 1]) for i in range(len(first))]   # a run's anchor: its last plan's
-    lead = cost.refs(parts, 0) - cost.refs(parts, 1)
+    lead = (cost.refs(parts, 0) - cost.refs(parts, 1)) * unready
 
     def cut(limit: float) -> list[list[int]]:
         out: list[list[int]] = []
@@ -164,24 +176,32 @@ def lpt_makespan(costs: list[float], workers: int) -> float:
 
 
 def split(group: int, X: np.ndarray | None, n_windows: int, workers: int, cost: CostModel,
-          atom: int = 1, per_worker: int = 4) -> list[Task]:
+          atom: int = 1, per_worker: int = 4, ready: Collection[int] = ()) -> list[Task]:
     """Tasks for one fidelity group: X [K, U] level vectors (None: a single plan) on `n_windows`
     windows, scored on `workers` workers; window runs are cut at multiples of `atom` windows, and
-    grids of more than `per_worker` tasks a worker are not tried (their overheads only add)."""
+    grids of more than `per_worker` tasks a worker are not tried (their overheads only add).
+    `ready`: positions of windows whose references were published before (prefetched): every task
+    fetches those, and none produces them."""
     X = np.zeros((1, len(cost.blocks)), dtype=int) if X is None else np.asarray(X)
     first = cost.firsts(X)
+    is_ready = np.zeros(n_windows, dtype=bool)
+    is_ready[list(ready)] = cost.fetch is not None
+    unready = 1.0 - is_ready.mean() if n_windows else 1.0
     best: tuple[float, int, list[Task]] | None = None
-    chunkings = {tuple(map(tuple, _chunks(first, c, cost))) for c in range(1, min(len(X), workers) + 1)}
+    chunkings = {tuple(map(tuple, _chunks(first, c, cost, unready))) for c in range(1, min(len(X), workers) + 1)}
     for members in sorted(chunkings, key=lambda m: (len(m), m)):
         per_window = [cost.plans(X[list(m)]) for m in members]
         for p in range(1, max(1, per_worker * workers // len(members)) + 1):
             runs = _runs(n_windows, p, atom)
             if len(runs) < p:           # no more windows to cut
                 break
-            refs = [cost.refs(len(members), c) for c in range(len(members))]
-            tasks = [Task(group, m, a, b, cost.run(pw, len(m), a, b, ref) + cost.task,
-                          produces=c == 0 and len(members) > 1 and cost.fetch is not None)
-                     for c, (m, pw, ref) in enumerate(zip(members, per_window, refs, strict=True)) for a, b in runs]
+            tasks = []
+            for c, (m, pw) in enumerate(zip(members, per_window, strict=True)):
+                for a, b in runs:
+                    fetched = int(is_ready[a:b].sum())
+                    refs = fetched * cost.refs(len(members), c, ready=True) + (b - a - fetched) * cost.refs(len(members), c)
+                    produces = c == 0 and len(members) > 1 and cost.fetch is not None and fetched < b - a
+                    tasks.append(Task(group, m, a, b, cost.run(pw, len(m), a, b, refs) + cost.task, produces))
             costs = [t.cost for t in tasks]
             if best is not None and max(max(costs), sum(costs) / workers) > best[0]:
                 continue                # its lower bound is already worse
@@ -189,6 +209,14 @@ def split(group: int, X: np.ndarray | None, n_windows: int, workers: int, cost: 
             if best is None or key < best[:2]:
                 best = (*key, tasks)
     return best[2]
+
+
+def spread(n: int) -> list[int]:
+    """0..n-1 in an order whose every prefix is spread evenly over the range (bit-reversed): the order
+    in which a stage's windows are prefetched, so that however many get done, each run of windows
+    the stage is later cut into holds about its share of them, and its tasks stay about equal."""
+    bits = max(1, (n - 1).bit_length())
+    return sorted(range(n), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))
 
 
 def lpt_order(tasks: list[Task]) -> list[int]:

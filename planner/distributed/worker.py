@@ -13,6 +13,8 @@ actor, by a `reference` call that makes them and returns each window's base-mode
 as its own object; a task that consumes them gets those objects' refs in `Work.shared` and turns
 each into a reference with the head when its first KL needs it (its anchor pass and first plan run
 meanwhile). If the producer died, the consumer makes the reference itself: same numbers either way.
+A worker left idle in a batch's tail may get a `prefetch` call instead: the `reference` call alone,
+for windows of a batch to come, whose tasks then all fetch them.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ class Work:
     @property
     def windows(self) -> list[int]:
         return [int(w) for idx in self.batches for w in idx]
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """A filler (dispatch.Filler): make and publish the references of `windows`, which a later batch
+    scores (the next stages' windows, announced by the searcher), on a worker idle in this batch's tail."""
+
+    windows: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -233,6 +243,13 @@ class EvalWorker:
         out = self._evaluator(key, problem).publish(np.array(windows))
         self._reference_s += time.perf_counter() - t0
         return out[0] if len(out) == 1 else tuple(out)
+
+    def prefetch(self, key: str, problem: Problem, windows: np.ndarray) -> tuple:
+        """`reference` as a task of its own (a Prefetch): its Done first, then one object per window
+        (the caller sets Ray's `num_returns` to one more than the number of windows)."""
+        t0 = time.perf_counter()
+        out = self._evaluator(key, problem).publish(np.array(windows))
+        return (Done(None, time.perf_counter() - t0, 0, os.getpid()), *out)
 
     def run(self, key: str, problem: Problem, work: Work) -> Done:
         t0 = time.perf_counter()

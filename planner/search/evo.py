@@ -150,6 +150,20 @@ class EvoSearcher:
                                  label="parent"))
         return out
 
+    def upcoming(self) -> list[Fidelity]:
+        """The fidelities of the batches after the one `ask` returns now, nearest first: the rest of
+        this generation's stages, then the next generation's first. They depend on no result (a
+        stage's windows derive from the seed, the generation and the stage), so an executor may make
+        their references while this batch runs (planner/distributed: prefetch). The final check's
+        batches are left out: whether it runs depends on the last generation's results."""
+        if self.done() or self._final_check():
+            return []
+        out = [Fidelity(tokens=t, seed=derive_seed(self.seed, self.generation, s))
+               for s, (_, t) in enumerate(self.config.stages) if s > self.stage]
+        if self.generation + 1 < self.config.generations:
+            out.append(Fidelity(tokens=self.config.stages[0][1], seed=derive_seed(self.seed, self.generation + 1, 0)))
+        return out
+
     def tell(self, results: list[Result]) -> None:
         if self._final_check():
             return self._tell_final(results)

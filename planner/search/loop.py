@@ -23,7 +23,7 @@ from collections.abc import Callable
 from planner.errors import PlannerError
 from planner.problem import Problem
 from planner.rundir import Row, RunDir
-from planner.search.base import REGISTRY, Candidate, Result, Searcher
+from planner.search.base import REGISTRY, Candidate, Fidelity, Result, Searcher
 
 Key = tuple[tuple[int, ...], int, int]      # (x, tokens, seed): same plan on the same data
 
@@ -70,11 +70,13 @@ def _row(problem: Problem, c: Candidate, r: Result, seconds: float) -> Row:
 
 def run_search(searcher: Searcher, problem: Problem, evaluate: Callable[[list[Candidate]], list[Result]],
                run: RunDir, on_result: Callable[[Row], None] | None = None,
-               checkpoint: str = "checkpoint.json") -> None:
+               checkpoint: str = "checkpoint.json", expect: Callable[[list[Fidelity]], None] | None = None) -> None:
     """Drive `searcher` to done, journaling every result into `run`; resumes from its checkpoint.
 
     Several searchers may run one after another in one run dir (uniform baselines, then evo),
-    each with its own `checkpoint` file; they share the journal."""
+    each with its own `checkpoint` file; they share the journal. `expect` (an executor's) hears,
+    before each evaluation, the fidelities a searcher with `upcoming()` will ask next: a hint that
+    lets it prepare their data during this one; it never changes a result."""
     method = method_of(searcher)
     n_rows = resume_journal(run)
     rows = run.results()
@@ -102,6 +104,8 @@ def run_search(searcher: Searcher, problem: Problem, evaluate: Callable[[list[Ca
         cached = {i: cache[_key(c)].popleft() for i, c in enumerate(cands) if cache.get(_key(c))}
         known = {i: measured[_key(c)] for i, c in enumerate(cands) if i not in cached and _key(c) in measured}
         todo = [c for i, c in enumerate(cands) if i not in cached and i not in known]
+        if expect is not None:
+            expect(searcher.upcoming() if hasattr(searcher, "upcoming") else [])
         t0 = time.perf_counter()
         fresh = iter(evaluate(todo) if todo else [])
         seconds = (time.perf_counter() - t0) / max(len(todo), 1)
