@@ -17,9 +17,10 @@
    CPU schedule (the default model on CPU workers), 1 to 32 workers; the last two columns are
    granularities (planned, not slept): tasks on whole batches of 4 windows only (the choice for
    kernels whose numbers depend on the batch), and references recomputed by every task on a window
-   (the grid before they were shared); then what sharing the anchor's block inputs too would save.
+   (the grid before they were shared), after the grid without prefetching the next stages'
+   references; then what sharing the anchor's block inputs too would save.
 
-    python bench/ray_scaling.py [--space rtn-g128] [--generations 2] [--out reports/ray_scaling.txt]
+    python bench/ray_scaling.py [--space rtn-g128] [--generations 2] [--sections 4] [--out reports/ray_scaling.txt]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -306,13 +308,17 @@ def simulated(unit_s: float) -> list[str]:
         shipping = sim.SMOL_CPU if name == "cpu" else sim.LLAMA_8B_H100
         out.append(f"{name}: {stages}")
         out.append(f"  {'workers':>7s} {'tasks':>6s} {'granularity':>11s} {'dispatch':>8s} {'overall':>7s} "
-                   f"{'speed-up':>8s} {'waited':>6s} {'whole batches':>13s} {'refs recomputed':>15s}")
+                   f"{'speed-up':>8s} {'waited':>6s} {'prefetched':>10s} {'no prefetch':>11s} {'whole batches':>13s} "
+                   f"{'refs recomputed':>15s}")
         for w in (1, 2, 4, 8, 16, 32):
-            r = simulate(stages, w, unit_s=unit_s * scale.get(name, 1.0), shipping=shipping)
+            r = sim.best_of(3, partial(simulate, stages, w, unit_s=unit_s * scale.get(name, 1.0), shipping=shipping),
+                            enough=1.0)
+            cold = simulate(stages, w, shipping=shipping, prefetch=False, sleep=False)
             whole = simulate(stages, w, atom=4, shipping=shipping, sleep=False)
             alone = simulate(stages, w, shipping=None, sleep=False)
             out.append(f"  {w:7d} {r.tasks:6d} {r.granularity:11.3f} {r.dispatch:8.3f} {r.overall:7.3f} "
-                       f"{r.overall * w:8.2f} {r.waited / r.busy:6.3f} {whole.granularity:13.3f} {alone.granularity:15.3f}")
+                       f"{r.overall * w:8.2f} {r.waited / r.busy:6.3f} {r.prefetched:10d} {cold.granularity:11.3f} "
+                       f"{whole.granularity:13.3f} {alone.granularity:15.3f}")
     return out + anchor_sharing(SCHEDULES["paper"][0], 32)
 
 
@@ -373,8 +379,12 @@ def main() -> None:
                  "8 tasks of 0.2 s per actor", lambda: ray_overhead([int(n) for n in args.actors.split(",")], 0.2, 8)),
                 (f"4. simulated scaling (real planner + dispatcher, sleeping threads, {args.unit_s} s per window "
                  "forward; cpu schedule 4x, wide 0.1x that; a window's reference made once and fetched by the "
-                 "other tasks on it, every task pays the anchor pass of its windows; 'waited': the share of the "
-                 "workers' busy time spent waiting for a producer)", lambda: simulated(args.unit_s))]
+                 "other tasks on it, every task pays the anchor pass of its windows; the next stages' references "
+                 "prefetched by workers idle in a stage's tail, each paying a forward, its publish and a task's "
+                 "fixed costs; measured: the best of 3 runs (the machine's load only ever lowers it); 'waited': the "
+                 "share of the workers' busy time spent waiting for a producer; "
+                 "'prefetched': windows whose reference was made before their stage was cut; 'no prefetch': the "
+                 "grid without it)", lambda: simulated(args.unit_s))]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = _sections(out.read_text()) if out.is_file() else {}   # sections not rerun stay as they were

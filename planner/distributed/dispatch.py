@@ -75,10 +75,10 @@ class Done:
     pid: int = 0
 
 
-# how far past the last task in flight a filler may be expected to run: a third of its length. A filler
-# makes one window's reference (~1.2 forwards with its publish) and saves the next stage 0.8 (a fetch
-# instead of the forward); one that ran further would delay that stage's start by more than it saves
-FILLER_SLACK = 1 / 3
+# how far past the last task in flight a filler may be expected to run: half its length. A filler makes
+# one window's reference (~1.2 forwards with its publish) and saves the next stage 0.8 (a fetch instead
+# of the forward); running 0.6 into that stage on one worker (which is cut around it: `busy`) costs less
+FILLER_SLACK = 1 / 2
 
 
 @dataclass(frozen=True)
@@ -92,19 +92,23 @@ class _InFlight:
     task: int | None         # None: a filler
     worker: int
     cost: float
-    start: float             # time.perf_counter() when handed out
+    start: float             # the dispatcher's clock when handed out
 
 
 class Dispatcher:
-    def __init__(self, workers: int, max_restarts: int = 2, max_attempts: int = 3):
+    def __init__(self, workers: int, max_restarts: int = 2, max_attempts: int = 3,
+                 seconds_per_cost: float | None = None, clock: Callable[[], float] = time.perf_counter):
         self.stats = [WorkerStats(i) for i in range(workers)]
         self.max_restarts, self.max_attempts = max_restarts, max_attempts
         self.wall_s = 0.0        # seconds spent inside run(): the time the pool had work
         self.on_submit: Callable[[int, int], None] | None = None   # (worker, task index): tests, logging
         self.log: Path | None = None     # workers.jsonl: one row per worker after every run()
         self.calls = 0
+        self.clock = clock           # seconds; a simulation's stops while its driver plans
         self._filling: dict[object, _InFlight] = {}    # fillers still running after the last run()
-        self._timed = (0.0, 0.0)     # seconds measured and cost estimated, summed over tasks given a cost
+        # seconds measured and cost estimated, summed over tasks given a cost; `seconds_per_cost`, a prior
+        # worth one unit of cost (a simulation's known scale: a search times the uniform baselines first)
+        self._timed = (seconds_per_cost or 0.0, 1.0 if seconds_per_cost else 0.0)
 
     @property
     def live(self) -> list[int]:
@@ -115,13 +119,18 @@ class Dispatcher:
         seconds, cost = self._timed
         return seconds / cost if cost > 0 else None
 
+    def busy(self) -> list[float]:
+        """How much longer each worker still making a filler is expected to take, in units of cost."""
+        rate, now = self.seconds_per_cost(), self.clock()
+        return [max(0.0, f.cost - (now - f.start) / rate) for f in self._filling.values()] if rate else []
+
     def run(self, backend: Backend, payloads: Sequence, order: Sequence[int],
             on_done: Callable[[int, object], None] | None = None, costs: Sequence[float] | None = None,
             filler: Sequence[Filler] = ()) -> dict[int, object | WorkerLost]:
         """Run every payload once; returns task index -> output (or the WorkerLost that ended it
         after `max_attempts`). `order` is the submission order (longest first); `costs`, the tasks'
         estimated costs, time them (and let `filler` in: see the module's docstring)."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         queue, spare = deque(order), deque(filler)
         inflight: dict[object, _InFlight] = self._filling      # task None: a filler
         self._filling = {}
@@ -161,7 +170,7 @@ class Dispatcher:
                         on_done(t, done.output)
         finally:
             self._filling = {f: held for f, held in inflight.items() if held.task is None}
-            self.wall_s += time.perf_counter() - t0
+            self.wall_s += self.clock() - t0
             self.calls += 1
             self._write_log()
         return out
@@ -172,16 +181,16 @@ class Dispatcher:
         one is expected to end by the last task's expected end (plus FILLER_SLACK of its own length)."""
         while idle and queue:
             w, t = idle.popleft(), queue.popleft()
-            inflight[backend.submit(w, payloads[t])] = _InFlight(t, w, costs[t] if costs else 0.0, time.perf_counter())
+            inflight[backend.submit(w, payloads[t])] = _InFlight(t, w, costs[t] if costs else 0.0, self.clock())
             if self.on_submit is not None:
                 self.on_submit(w, t)
         rate = self.seconds_per_cost()
         while idle and spare and rate is not None:
             ends = [f.start + f.cost * rate for f in inflight.values() if f.task is not None]
-            if not ends or time.perf_counter() + (1 - FILLER_SLACK) * spare[0].cost * rate > max(ends):
+            if not ends or self.clock() + (1 - FILLER_SLACK) * spare[0].cost * rate > max(ends):
                 return
             w, fill = idle.popleft(), spare.popleft()
-            inflight[backend.submit(w, fill.payload)] = _InFlight(None, w, fill.cost, time.perf_counter())
+            inflight[backend.submit(w, fill.payload)] = _InFlight(None, w, fill.cost, self.clock())
 
     def _died(self, w: int, idle: deque) -> None:
         s = self.stats[w]

@@ -15,7 +15,8 @@ Prefetch: the search loop tells the executor (`expect`) which fidelities the nex
 (EvoSearcher.upcoming: a stage's windows derive from the seed, the generation and the stage, not from
 any result). Their windows become fillers of this call (dispatch.Filler, one window each, spread over
 each stage): a worker idle in this batch's tail makes and publishes one, and the next batch is cut
-with those windows ready, so its tasks fetch them instead of one of them making each first.
+with those windows ready, so its tasks fetch them instead of one of them making each first, and
+around the workers still making one.
 """
 
 from __future__ import annotations
@@ -175,10 +176,10 @@ class RayExecutor:
         windows = [self.windows.draw(t, s) for t, s in groups]
         X = [np.array([candidates[i].x for i in m]) for m in members]
         n = len(self.dispatcher.live) or 1
-        table = self.backend.references
+        table, busy = self.backend.references, self.dispatcher.busy()     # busy: workers still on a filler
         ready = [[i for i, w in enumerate(ws) if table is not None and int(w) in table] for ws in windows]
         tasks = [t for g in range(len(members))
-                 for t in split(g, X[g], len(windows[g]), n, self.cost, self.atom, ready=ready[g])]
+                 for t in split(g, X[g], len(windows[g]), n, self.cost, self.atom, ready=ready[g], busy=busy)]
         work = [Work(tuple(tuple(int(v) for v in X[t.group][i]) for i in t.members), self._batches(windows[t.group], t),
                      publish=tuple(int(w) for w in windows[t.group][t.start:t.stop]) if t.produces else ())
                 for t in tasks]

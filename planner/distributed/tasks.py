@@ -36,7 +36,7 @@ numpy only: no torch, no Ray.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,21 +167,25 @@ def _runs(n: int, parts: int, atom: int) -> list[tuple[int, int]]:
     return [(int(a), int(min(b, n))) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-def lpt_makespan(costs: list[float], workers: int) -> float:
-    """Makespan of longest-first list scheduling on `workers` identical workers."""
-    free = [0.0] * workers
+def lpt_makespan(costs: list[float], workers: int, busy: Sequence[float] = ()) -> float:
+    """Makespan of longest-first list scheduling on `workers` identical workers, the first of them
+    `busy` that long first (still making a previous stage's filler): when the last task ends."""
+    free = sorted([*busy, *[0.0] * (workers - len(busy))])
+    end = 0.0
     for c in sorted(costs, reverse=True):
+        end = max(end, free[0] + c)
         heapq.heapreplace(free, free[0] + c)
-    return max(free)
+    return end
 
 
 def split(group: int, X: np.ndarray | None, n_windows: int, workers: int, cost: CostModel,
-          atom: int = 1, per_worker: int = 4, ready: Collection[int] = ()) -> list[Task]:
+          atom: int = 1, per_worker: int = 4, ready: Collection[int] = (), busy: Sequence[float] = ()) -> list[Task]:
     """Tasks for one fidelity group: X [K, U] level vectors (None: a single plan) on `n_windows`
     windows, scored on `workers` workers; window runs are cut at multiples of `atom` windows, and
     grids of more than `per_worker` tasks a worker are not tried (their overheads only add).
     `ready`: positions of windows whose references were published before (prefetched): every task
-    fetches those, and none produces them."""
+    fetches those, and none produces them. `busy`: how long some workers are still expected to be
+    busy (fillers), which longest-first scheduling fills around."""
     X = np.zeros((1, len(cost.blocks)), dtype=int) if X is None else np.asarray(X)
     first = cost.firsts(X)
     is_ready = np.zeros(n_windows, dtype=bool)
@@ -205,7 +209,7 @@ def split(group: int, X: np.ndarray | None, n_windows: int, workers: int, cost: 
             costs = [t.cost for t in tasks]
             if best is not None and max(max(costs), sum(costs) / workers) > best[0]:
                 continue                # its lower bound is already worse
-            key = (round(lpt_makespan(costs, workers), 9), len(tasks))
+            key = (round(lpt_makespan(costs, workers, busy), 9), len(tasks))
             if best is None or key < best[:2]:
                 best = (*key, tasks)
     return best[2]
