@@ -308,8 +308,9 @@ def simulate(stages: list[Stage], workers: int, unit_s: float = 0.01, generation
                 made = backend.references if sleep else started
                 ready = {w for w in range(st.windows) if (k, w) in made}
                 prefetched += len(ready)
-                busy = dispatcher.busy() if sleep else [f for f in free if f > 0]
-                tasks = split(0, X, st.windows, workers, cost, atom, ready=ready, busy=busy)
+                if sleep:               # plan with what the dispatcher knows: its workers still on fillers
+                    free = [*dispatcher.busy(), *[0.0] * workers][:workers]
+                tasks = split(0, X, st.windows, workers, cost, atom, ready=ready, busy=[f for f in free if f > 0])
                 n_tasks += len(tasks)
                 ahead = schedule[k + 1:k + 1 + len(stages)] if prefetch and cost.fetch is not None else []
                 fill = [(j, w) for j, later in enumerate(ahead, k + 1) for w in spread(later.windows) if (j, w) not in made]
