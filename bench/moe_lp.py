@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="2.5,3.0")
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument("--final-batches", type=int, default=4,
+                    help="evo's closing check: its plan against the LP's on this many fresh last-stage batches")
     ap.add_argument("--stages", default="2@512,1@1024", help="evo racing stages, survivors@tokens, comma-separated")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--heldout-tokens", type=int, default=4096)
@@ -86,7 +88,7 @@ def main() -> None:
              f"neurons) per layer, {len(session.units)} units; levels {', '.join(s.id for s in session.space.levels)}",
              f"held-out: {len(held) * session.windows.seqlen} tokens of the built-in corpus (KL to the MoE itself); "
              f"calibration {args.calib_tokens} tokens; evo {args.generations} generations x {args.offspring} offspring, "
-             f"stages {args.stages}, from the full program's plan; bf16 evaluation, {args.threads} thread(s)",
+             f"stages {args.stages}, from the full program's plan, closing check on {args.final_batches} batches; bf16 evaluation, {args.threads} thread(s)",
              f"expert activation frequency: min {freq.min():.3f}, median {np.median(freq):.3f}, max {freq.max():.3f} "
              f"(top-{spec.top_k}: a layer sums to {spec.top_k}); mean routing weight {weight.min():.3f}..{weight.max():.3f}",
              f"timings: MoEfication {t_moe:.0f} s, levels DB {t_levels:.0f} s, expert statistics {t_stats:.0f} s "
@@ -111,10 +113,11 @@ def main() -> None:
             rows.append((label, plans[label], time.perf_counter() - t))
         t = time.perf_counter()
         evo = make_searcher("evo", problem, {"generations": args.generations, "offspring": args.offspring,
-                                             "stages": stages,
+                                             "stages": stages, "final_batches": args.final_batches,
                                              "init_x": [int(v) for v in plans[FULL]]}, 0)
         drive(evo, ev)
-        rows.append(("evo from moe-lp full", evo.best(), time.perf_counter() - t))
+        kept = tuple(int(v) for v in evo.best()) == tuple(int(v) for v in plans[FULL])
+        rows.append(("evo from moe-lp full" + (" (kept it)" if kept else ""), evo.best(), time.perf_counter() - t))
         for label, x, secs in rows:
             bits, bpw, kl, ppl = measure(ev, problem, x, held)
             lines.append(f"{str(budget):>7} {label:<28} {bits:>6.3f} {bpw:>6.3f} {kl:>8.4f} {ppl:>8.3f} {secs:>6.0f}")
@@ -122,7 +125,8 @@ def main() -> None:
         with open(args.out, "w") as f:        # written as it goes: a slow machine still leaves a partial table
             f.write("\n".join(lines) + "\n")
     lines += ["", "s: seconds to find the plan (uniform: its baseline evaluations; evo: the whole run); "
-              "the held-out measurement is not included.",
+              "the held-out measurement is not included; '(kept it)': evo's closing check found the LP's own plan better "
+              "than the evolved one and returned it.",
               "moe-lp rows are predictions only (never measured during the search). Errors are measured at the "
               "decoder block's output, experts routing-weighted ('linear errors': dense units at each linear's own "
               "output, experts frequency x weight^2 x error, as before the fix); 'no block gains' uses them as "
