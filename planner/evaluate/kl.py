@@ -49,7 +49,7 @@ class Reference:
 
 # Positions per chunk. A chunk's float32 log-softmax (16 x a 49k vocabulary = 3 MB) stays in cache;
 # a whole 512-token window's (100 MB) does not, and streaming it through memory made the KL of a
-# window cost more than the lm_head matmul itself (bench/evo_speed.py, "head and KL" rows).
+# window cost more than the lm_head matmul itself (bench/evo_speed.py, "where one candidate's time goes").
 ROWS = 16
 
 
@@ -81,38 +81,34 @@ def _ref_cross(ref: Reference, rows: slice, logq: torch.Tensor) -> float:
 
 
 def reference(logits: torch.Tensor, topk: int | None = None) -> Reference:
-    """The reference of one window, chunk by chunk like `kl_and_nll`, so that the same logits
-    give exactly the same cross term and an unmodified model scores exactly 0."""
+    """The reference of one window, chunk by chunk with the same calls `kl_and_nll` makes, so the
+    same logits give exactly the same cross term and an unmodified model scores exactly 0."""
     full = topk is None or topk >= logits.shape[-1]
-    ps, index, tails = [], [], []
+    ps, index, tails, p_log_p = [], [], [], 0.0
     for s in range(0, len(logits), ROWS):
         logp = log_probs(logits[s:s + ROWS])
         if full:
             ps.append(logp.exp())
+            p_log_p += cross_term(ps[-1], logp)
         else:
             index.append(logp.topk(topk, dim=-1).indices)
             ps.append(logp.gather(1, index[-1]).exp())
             tails.append((1.0 - ps[-1].sum(-1)).clamp_min(0.0))
-    p = torch.cat(ps)
-    ref = Reference(p, 0.0) if full else Reference(p, 0.0, torch.cat(index), torch.cat(tails))
-    return Reference(ref.p, _cross_sum(logits, ref)[0], ref.index, ref.tail)
+            p_log_p += _top_cross(ps[-1], tails[-1], index[-1], logp)
+    if full:
+        return Reference(torch.cat(ps), p_log_p)
+    return Reference(torch.cat(ps), p_log_p, torch.cat(index), torch.cat(tails))
 
 
-def _cross_sum(logits: torch.Tensor, ref: Reference, ids: torch.Tensor | None = None) -> tuple[float, float]:
-    """(sum p log q, next-token NLL sum) over a window, ROWS positions at a time."""
+def kl_and_nll(logits: torch.Tensor, ref: Reference, ids: torch.Tensor) -> tuple[float, float]:
+    """Sums (not means) over one window: KL(p_ref || q) over all positions, NLL over next tokens;
+    ROWS positions at a time."""
     cross = nll = 0.0
     T = len(logits)
     for s in range(0, T, ROWS):
         rows = slice(s, min(s + ROWS, T))
         logq = log_probs(logits[rows])
         cross += _ref_cross(ref, rows, logq)
-        if ids is not None:
-            stop = min(rows.stop, T - 1) - s          # the window's last position has no next token
-            nll -= float(logq[:stop].gather(1, ids[s + 1:s + 1 + stop, None]).sum()) if stop > 0 else 0.0
-    return cross, nll
-
-
-def kl_and_nll(logits: torch.Tensor, ref: Reference, ids: torch.Tensor) -> tuple[float, float]:
-    """Sums (not means) over one window: KL(p_ref || q) over all positions, NLL over next tokens."""
-    cross, nll = _cross_sum(logits, ref, ids)
+        n = max(min(rows.stop, T - 1) - s, 0)          # the window's last position has no next token
+        nll -= float(logq[:n].gather(1, ids[s + 1:s + 1 + n, None]).sum())
     return ref.p_log_p - cross, nll
