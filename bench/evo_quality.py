@@ -15,6 +15,8 @@ Rows per budget:
   hessian: ilp       exact allocation of the Fisher sensitivity's predicted damage (issue 4, HiGHS)
   evo (ours)         cost-aware swaps, the `cpu` schedule, warm-started from the best mix
   evo (ours, ...)    the same, warm-started from the hessian plan (`--init hessian`)
+  evo (..., screened) from the hessian plan, breeding --screen x 16 offspring and racing the 16 the
+                     Fisher damage predicts best (`--init hessian --screen N`)
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from planner.search.evo import SCHEDULES  # noqa: E402
 from planner.sensitivity import proxy_inputs  # noqa: E402
 from planner.space import load_space  # noqa: E402
 
-ROWS = ("baselines", "evopress", "evo", "evo-hessian")
+ROWS = ("baselines", "evopress", "evo", "evo-hessian", "evo-screen")
 RULES = ("by-block-asc", "by-block-desc", "sandwich", "attention+down-first")
 
 
@@ -78,7 +80,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS),
                     help=f"which searches to run, comma-separated from {','.join(ROWS)} (the baselines are cheap)")
     ap.add_argument("--hessian-generations", type=int, default=None,
-                    help="generations of the evo-from-hessian row (default: --generations)")
+                    help="generations of the evo-from-hessian rows (default: --generations)")
+    ap.add_argument("--screen", type=int, default=4, help="the evo-screen row's screen (bred / raced offspring)")
     args = ap.parse_args()
     wanted = set(args.rows.split(","))
     if not wanted <= set(ROWS) or "baselines" not in wanted:
@@ -147,12 +150,16 @@ def main() -> None:
         if "evo" in wanted:
             s, _, n, t = search("evo", problem, ev, mine, args.seed, workdir)
             measure("evo (ours)", s.best(), n, t)
+        gens = args.hessian_generations or args.generations
+        from_hess = {**mine, "generations": gens, "init_x": list(hess.best())}
+        span = "" if gens == args.generations else f", {gens} gens"
         if "evo-hessian" in wanted:
-            gens = args.hessian_generations or args.generations
-            s, _, n, t = search("evo", problem, ev, {**mine, "generations": gens, "init_x": list(hess.best())},
+            s, _, n, t = search("evo", problem, ev, from_hess, args.seed, workdir)
+            measure(f"evo (ours, from hessian{span})", s.best(), n, t)
+        if "evo-screen" in wanted:
+            s, _, n, t = search("evo", problem, ev, {**from_hess, "screen": args.screen, "damage": fisher["damage"]},
                                 args.seed, workdir)
-            measure("evo (ours, from the hessian plan)" if gens == args.generations
-                    else f"evo (ours, from hessian, {gens} gens)", s.best(), n, t)
+            measure(f"evo (ours, from hessian, screen {args.screen}{span})", s.best(), n, t)
 
         base = rows[0][5]
         emit(f"\n## budget {b} bits")
@@ -169,8 +176,8 @@ def main() -> None:
         by = {r[0].split(" (")[0].split(":")[0]: r for r in rows}
         rule = min((r for r in rows if r[0].startswith("rule:")), key=lambda r: r[5], default=None)
         evo = next((r for r in rows if r[0] == "evo (ours)"), None)
-        from_ilp = next((r for r in rows if r[0].startswith("evo (ours, from")), None)
-        ours = min((r for r in (evo, from_ilp) if r), key=lambda r: r[5], default=rows[0])   # the better evo row
+        from_ilp = min((r for r in rows if r[0].startswith("evo (ours, from")), key=lambda r: r[5], default=None)
+        ours = min((r for r in (evo, from_ilp) if r), key=lambda r: r[5], default=rows[0])   # the best evo row
         mix = by.get("best mix")
         cells = [rows[0], mix, rule, by.get("proxy"), by.get("hessian"), by.get("evopress-default"), evo, from_ilp]
         fmt = [f"{c[5]:.3f}/{c[7]:.3f}" if c else "-" for c in cells]

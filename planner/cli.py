@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--same-size-only", action="store_true", help="evo swaps bits only between units of one size (EvoPress's default)")
     s.add_argument("--local-repair", action="store_true",
                    help="evo's budget repair moves units at or after the earliest switched block first (more prefix-cache reuse)")
+    s.add_argument("--screen", type=_positive, default=None,
+                   help="evo breeds N x offspring and races the offspring the sensitivity (--score) predicts least "
+                   "damaging (default 1: no screen; see reports/evo_quality.txt)")
     s.add_argument("--evo-config", default=None, help="a JSON/YAML file of evo settings (generations, offspring, stages, max_switches, ...)")
     s.add_argument("--init", default=None, help="evo warm start: uniform (default: the best uniform plan/mix), hessian "
                    "(the exact knapsack plan of --score), moe-lp (MoE models: the moe-lp plan) or a plan JSON file")
@@ -243,6 +246,8 @@ def _evo_config(args) -> dict:
         config["same_size_only"] = True
     if args.local_repair:
         config["local_repair"] = True
+    if args.screen is not None:
+        config["screen"] = args.screen
     return config
 
 

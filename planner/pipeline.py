@@ -198,7 +198,7 @@ def run_method(session: Session, problem: Problem, run: RunDir, method: str, con
             raise PlannerError(f"no uniform plan or two-level mix meets {problem.budget}: search with --method evo")
         return uniform.best()
     config = dict(config)
-    if needs_sensitivity(method, init):
+    if needs_sensitivity(method, init, config):
         config = proxy_inputs(session, problem, run, method, config, init, score, seed)
     if "moe-lp" in (method, init):     # expert statistics -> the MC-MoE program (planner/moe)
         from planner.moe.plan import moe_inputs

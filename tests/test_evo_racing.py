@@ -111,3 +111,47 @@ def test_final_check_keeps_an_improved_parent_and_costs_nothing_without_a_warm_s
     while not s.done():
         s.tell(evaluate(s.ask()))
     assert true_kl(problem, s.best()) <= true_kl(problem, start)
+
+
+def _additive_damage(problem):
+    """true_kl's per-unit part as [unit][level] rows: a sensitivity that is right but for the
+    interaction term, as a Fisher score is."""
+    sens = np.random.default_rng(1234).lognormal(0.0, 1.0, problem.n_units)
+    sens *= np.array([{"down_proj": 4.0, "k_proj": 2.0}.get(k, 1.0) for k in problem.kinds])
+    return [[float(sens[u] * 4.0 ** (-problem.code_bits[u, lv] / problem.numel[u]) * 100 * problem.numel[u]
+                   / problem.total_numel) for lv in range(problem.n_levels[u])] for u in range(problem.n_units)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_screen_races_the_offspring_with_the_least_predicted_damage(seed):
+    problem = toy_problem()
+    damage = _additive_damage(problem)
+    wide = make_searcher("evo", problem, {"offspring": 32, "stages": STAGES}, seed)   # the same rng draws
+    screened = make_searcher("evo", problem, {"offspring": 8, "screen": 4, "stages": STAGES, "damage": damage}, seed)
+    bred = [c.x for c in wide.ask()]
+    raced = [c.x for c in screened.ask()]
+    assert raced == sorted(bred, key=screened.predicted)[:8]
+    assert screened.predicted(raced[-1]) <= np.median([screened.predicted(x) for x in bred])
+
+
+def test_screen_finds_better_plans_for_the_same_measurements():
+    problem = toy_problem()
+    damage = _additive_damage(problem)
+    config = {"generations": 8, "offspring": 8, "stages": ((2, 128), (1, 1024))}
+    final = {}
+    for screen in (1, 4):
+        kls = []
+        for seed in range(6):
+            s = make_searcher("evo", problem, {**config, "screen": screen, "damage": damage}, seed)
+            while not s.done():
+                s.tell(_known(problem)(s.ask()))
+            kls.append(true_kl(problem, s.best()))
+        final[screen] = float(np.mean(kls))
+    assert final[4] < final[1]
+
+
+def test_screen_needs_a_damage_table():
+    from planner.errors import PlannerError
+
+    with pytest.raises(PlannerError, match="predicted damage"):
+        make_searcher("evo", toy_problem(), {"screen": 4}, 0)

@@ -88,14 +88,17 @@ def test_ppl_target_and_tied_lagrange_sweep(data_args, tmp_path):
         assert r.bits <= 3.5 + 1e-9
 
 
-def test_evo_warm_start_from_the_exact_plan(data_args, tmp_path):
-    rc, _, err = run_cli(["search", "--budget", "3.0bits", "--init", "hessian", "--score", "proxy", *TOKENS,
+@pytest.mark.parametrize("flags", [["--init", "hessian"], ["--screen", "3"]], ids=["warm-start", "screen"])
+def test_evo_takes_the_score_for_a_warm_start_or_a_screen(data_args, tmp_path, flags):
+    rc, _, err = run_cli(["search", "--budget", "3.0bits", *flags, "--score", "proxy", *TOKENS,
                           "--generations", "1", "--offspring", "2", "--stages", "1@128",
-                          "--runs-dir", tmp_path, "--name", "warm", *data_args])
+                          "--runs-dir", tmp_path, "--name", "evo", *data_args])
     assert rc == 0, err
-    run = RunDir.open(tmp_path / "warm")
+    run = RunDir.open(tmp_path / "evo")
     assert run.read("sensitivity.json")["score"] == "proxy"
-    assert any(r.method == "evo" for r in run.results())
+    assert sum(r.method == "evo" and r.label != "parent" for r in run.results()) >= 2
+    if "--screen" in flags:
+        assert run.read("config.json")["method_config"]["screen"] == 3
 
 
 @pytest.mark.parametrize("argv, match", [

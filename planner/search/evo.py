@@ -26,6 +26,7 @@ import numpy as np
 from planner.errors import PlannerError
 from planner.problem import Problem
 from planner.search.base import Candidate, Fidelity, Result, derive_seed, register
+from planner.search.ilp import damage_table
 from planner.search.operators import fill_uniform, level_switch, n_switches, repair
 from planner.search.tied import Fusion
 
@@ -42,11 +43,14 @@ class EvoConfig:
     local_repair: bool = False        # repair at or after the earliest switched block (prefix-cache friendly)
     init_x: tuple[int, ...] | None = None   # warm start (repaired to the budget); default fill_uniform
     final_batches: int = 4            # warm start only: parent vs warm start on this many fresh batches
+    screen: int = 1                   # breed screen x offspring, race the offspring with the least predicted damage
+    damage: tuple[tuple[float, ...], ...] | None = None   # [unit][level] predicted damage (a sensitivity's rows)
 
     def __post_init__(self) -> None:
-        if self.generations < 0 or self.offspring < 1 or self.max_switches < 1 or self.final_batches < 0:
-            raise PlannerError("evo: generations >= 0, offspring >= 1, max_switches >= 1 and final_batches >= 0 "
-                               "are required")
+        if self.generations < 0 or self.offspring < 1 or self.max_switches < 1 or self.final_batches < 0 \
+                or self.screen < 1:
+            raise PlannerError("evo: generations >= 0, offspring >= 1, max_switches >= 1, final_batches >= 0 "
+                               "and screen >= 1 are required")
         if not self.stages or any(len(s) != 2 or s[0] < 1 or s[1] < 1 for s in self.stages):
             raise PlannerError(f"evo: stages must be non-empty (survivors, tokens) pairs >= 1, got {self.stages}")
 
@@ -91,13 +95,28 @@ class EvoSearcher:
         self.stage = 0
         self.pending: list[X] | None = None     # plans of the current stage; None: not bred yet
         self.history: list[tuple[int, float]] = []   # (generation, parent KL on that generation's last batch)
+        if config.screen > 1 and config.damage is None:    # the pipeline fills it from --score
+            raise PlannerError("evo: screen > 1 ranks offspring by predicted damage: give config 'damage' "
+                               "(a sensitivity's [unit][level] rows)")
+        self.table = None if config.damage is None else damage_table(problem, config.damage)
 
     # --- ask / tell ----------------------------------------------------------------------
+    def predicted(self, x: X) -> float:
+        """The sensitivity's predicted damage of an (inner) plan: the sum over units of its level's."""
+        outer = self.fusion.to_outer(x)
+        return float(self.table[np.arange(len(outer)), outer].sum())
+
     def _breed(self) -> list[X]:
-        """Distinct offspring, none a copy of the parent (bounded tries: tiny spaces run dry)."""
+        """Distinct offspring, none a copy of the parent (bounded tries: tiny spaces run dry).
+
+        With `screen` > 1, screen x offspring are bred and the `offspring` with the least predicted
+        damage race: a random switch that drops a sensitive unit to 2 bits is nearly always worse,
+        and a sum over units sees that for free, so the measured evaluations go to the plausible
+        moves. What the sum cannot see (errors that compound or cancel) is left to the race."""
         c, seen, out = self.config, {self.parent}, []
-        for _ in range(20 * c.offspring):
-            if len(out) == c.offspring:
+        want = c.offspring * c.screen
+        for _ in range(20 * want):
+            if len(out) == want:
                 break
             k = n_switches(self.rng, c.max_switches)
             child = tuple(int(v) for v in level_switch(self.parent, self.problem, self.rng, k, c.same_size_only,
@@ -105,6 +124,8 @@ class EvoSearcher:
             if child not in seen:
                 seen.add(child)
                 out.append(child)
+        if c.screen > 1:      # stable: equal predictions keep breeding order
+            out = sorted(out, key=self.predicted)[: c.offspring]
         return out
 
     def _fidelity(self) -> Fidelity:

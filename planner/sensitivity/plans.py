@@ -59,8 +59,10 @@ def session_sensitivity(session, config: SensitivityConfig) -> Sensitivity:
     return sens
 
 
-def needs_sensitivity(method: str, init: str | None) -> bool:
-    return method in PROXY_METHODS or init == "hessian"
+def needs_sensitivity(method: str, init: str | None, config: dict | None = None) -> bool:
+    """Proxy searchers, evo's hessian warm start and evo's offspring screen rank by predicted damage."""
+    screened = method == "evo" and int((config or {}).get("screen", 1)) > 1 and (config or {}).get("damage") is None
+    return method in PROXY_METHODS or init == "hessian" or screened
 
 
 def proxy_inputs(session, problem: Problem, run, method: str, config: dict, init: str | None, score: str | None,
@@ -80,6 +82,8 @@ def proxy_inputs(session, problem: Problem, run, method: str, config: dict, init
         fid = proxy_fidelity(int(config.get("tokens", BisectConfig.tokens)), seed)
         idx = session.windows.draw(fid.tokens, fid.seed)
         config["base_ppl"] = session.evaluator(problem).score(None, idx).ppl
+    if method == "evo" and int(config.get("screen", 1)) > 1:
+        config.setdefault("damage", rows)
     if method == "evo" and init == "hessian" and config.get("init_x") is None:
         config["init_x"] = [int(v) for v in exact_plan(problem, damage_table(problem, rows))]
     return config
