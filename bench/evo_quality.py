@@ -14,14 +14,22 @@ Rows per budget:
                      racing (16 offspring, 1@512, 1@8192), given our number of evaluations
   hessian: ilp       exact allocation of the Fisher sensitivity's predicted damage (issue 4, HiGHS)
   evo (ours)         cost-aware swaps, the `cpu` schedule, warm-started from the best mix
-  evo (ours, ...)    the same, warm-started from the hessian plan (`--init hessian`)
+  evo (ours, local repair)  the same with `--local-repair` (the budget repair stays at or after the
+                     first switched block: more prefix-cache reuse, bench/evo_speed.py)
+  evo (ours, ...)    evo warm-started from the hessian plan (`--init hessian`)
   evo (..., screened) from the hessian plan, breeding --screen x 16 offspring and racing the 16 the
                      Fisher damage predicts best (`--init hessian --screen N`)
+  evo refine         a second run from the best evo plan above (or --refine-from PLAN.json) with
+                     higher-fidelity racing (--refine-stages, default 4@512,1@2048,1@8192), the screen
+                     and seed + 1: `planner search --init PLAN.json --stages ... --screen N --seed 1`
+
+Every evo row's plan is written to --plans DIR (default reports/plans) as <budget>bits-<row>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -37,6 +45,7 @@ from planner.data.corpus import BUILTIN_DOCS, load_text  # noqa: E402
 from planner.data.windows import make_windows, tokenize  # noqa: E402
 from planner.evaluate.evaluator import InProcessEvaluator  # noqa: E402
 from planner.pipeline import DTYPES, ModelData, prepare  # noqa: E402
+from planner.plan import Plan  # noqa: E402
 from planner.rundir import RunDir  # noqa: E402
 from planner.search import (  # noqa: E402
     ilp,  # noqa: E402,F401  (registers 'ilp')
@@ -47,7 +56,7 @@ from planner.search.evo import SCHEDULES  # noqa: E402
 from planner.sensitivity import proxy_inputs  # noqa: E402
 from planner.space import load_space  # noqa: E402
 
-ROWS = ("baselines", "evopress", "evo", "evo-hessian", "evo-screen")
+ROWS = ("baselines", "evopress", "evo", "evo-local", "evo-hessian", "evo-screen", "refine")
 RULES = ("by-block-asc", "by-block-desc", "sandwich", "attention+down-first")
 
 
@@ -81,13 +90,19 @@ def main() -> None:
                     help=f"which searches to run, comma-separated from {','.join(ROWS)} (the baselines are cheap)")
     ap.add_argument("--hessian-generations", type=int, default=None,
                     help="generations of the evo-from-hessian rows (default: --generations)")
-    ap.add_argument("--screen", type=int, default=4, help="the evo-screen row's screen (bred / raced offspring)")
+    ap.add_argument("--screen", type=int, default=4, help="the evo-screen and refine rows' screen (bred / raced)")
+    ap.add_argument("--refine-from", default=None, help="refine row: start from this plan file (default: the best "
+                    "evo row of this run)")
+    ap.add_argument("--refine-generations", type=int, default=60)
+    ap.add_argument("--refine-stages", default="4@512,1@2048,1@8192")
+    ap.add_argument("--plans", default="reports/plans", help="where each evo row's plan is written")
     args = ap.parse_args()
     wanted = set(args.rows.split(","))
     if not wanted <= set(ROWS) or "baselines" not in wanted:
         ap.error(f"--rows: choose from {','.join(ROWS)}, baselines included (every ratio is against them)")
     torch.set_num_threads(args.threads)
     out = open(args.out, "w")
+    Path(args.plans).mkdir(parents=True, exist_ok=True)
 
     def emit(line: str = "") -> None:
         print(line)
@@ -112,12 +127,18 @@ def main() -> None:
         ev = session.evaluator(problem)
         ev_docs = InProcessEvaluator(session.loaded.model, session.db, problem, docs, dtype=DTYPES[md.dtype])
         rows: list[tuple] = []
+        notes: list[str] = []
 
-        def measure(label, x, evals, seconds, problem=problem, ev=ev, ev_docs=ev_docs, rows=rows):
-            a = ev.score(problem.decode(x), session.windows.heldout)
-            d = ev_docs.score(problem.decode(x), docs.heldout)
+        def measure(label, x, evals, seconds, problem=problem, ev=ev, ev_docs=ev_docs, rows=rows, b=b):
+            plan = problem.decode(x)
+            a = ev.score(plan, session.windows.heldout)
+            d = ev_docs.score(plan, docs.heldout)
             c = problem.cost(x)
-            rows.append((label, evals, seconds, c.bits, c.bpw, a.kl, a.ppl, d.kl, d.ppl))
+            rows.append((label, evals, seconds, c.bits, c.bpw, a.kl, a.ppl, d.kl, d.ppl, tuple(x)))
+            if label.startswith("evo"):
+                slug = "-".join("".join(ch if ch.isalnum() else " " for ch in label).split())
+                Path(args.plans, f"{b}bits-{slug}.json").write_text(json.dumps(
+                    plan.to_json(row=label, heldout_kl=a.kl, docs_kl=d.kl, evaluations=evals), indent=1))
 
         uni, urun, n, t = search("uniform", problem, ev, {"tokens": 2048}, args.seed, workdir)
         res = [r for r in urun.results() if r.error is None]
@@ -150,6 +171,9 @@ def main() -> None:
         if "evo" in wanted:
             s, _, n, t = search("evo", problem, ev, mine, args.seed, workdir)
             measure("evo (ours)", s.best(), n, t)
+        if "evo-local" in wanted:
+            s, _, n, t = search("evo", problem, ev, {**mine, "local_repair": True}, args.seed, workdir)
+            measure("evo (ours, local repair)", s.best(), n, t)
         gens = args.hessian_generations or args.generations
         from_hess = {**mine, "generations": gens, "init_x": list(hess.best())}
         span = "" if gens == args.generations else f", {gens} gens"
@@ -160,14 +184,31 @@ def main() -> None:
             s, _, n, t = search("evo", problem, ev, {**from_hess, "screen": args.screen, "damage": fisher["damage"]},
                                 args.seed, workdir)
             measure(f"evo (ours, from hessian, screen {args.screen}{span})", s.best(), n, t)
+        if "refine" in wanted:
+            if args.refine_from:
+                start, origin = problem.encode(Plan.load(args.refine_from)), Path(args.refine_from).name
+            else:
+                best = min((r for r in rows if r[0].startswith("evo")), key=lambda r: r[5], default=None)
+                if best is None:
+                    ap.error("--rows refine needs an evo row before it, or --refine-from PLAN.json")
+                start, origin = best[-1], best[0]
+            stages = [[int(v) for v in st.split("@")] for st in args.refine_stages.split(",")]
+            refine = {**mine, "generations": args.refine_generations, "stages": stages, "screen": args.screen,
+                      "damage": fisher["damage"], "init_x": [int(v) for v in start]}
+            s, _, n, t = search("evo", problem, ev, refine, args.seed + 1, workdir)
+            measure(f"evo refine ({args.refine_generations} gens)", s.best(), n, t)
+            notes.append(f"# refine: {args.refine_generations} generations, stages {args.refine_stages}, screen "
+                         f"{args.screen}, seed {args.seed + 1}, from {origin}")
 
         base = rows[0][5]
         emit(f"\n## budget {b} bits")
         emit(f"{'plan':<38} {'evals':>6} {'wall s':>7} {'bits':>6} {'bpw':>6} {'KL':>8} {'ppl':>8} "
              f"{'KL docs':>8} {'ppl docs':>9} {'KL/uniform':>10}")
-        for label, evals, sec, bits, bpw, kl, ppl, dkl, dppl in rows:
+        for label, evals, sec, bits, bpw, kl, ppl, dkl, dppl, _ in rows:
             emit(f"{label:<38} {evals:>6} {sec:>7.0f} {bits:>6.3f} {bpw:>6.3f} {kl:>8.4f} {ppl:>8.2f} "
                  f"{dkl:>8.4f} {dppl:>9.2f} {kl / base:>10.3f}")
+        for line in notes:
+            emit(line)
         summary.append((b, rows))
     emit("\n## summary: held-out KL (builtin / builtin-docs), ratio to uniform")
     emit(f"{'bits':>5} {'uniform':>16} {'best mix':>16} {'best rule':>16} {'proxy':>16} {'hessian ilp':>16} "
@@ -176,7 +217,8 @@ def main() -> None:
         by = {r[0].split(" (")[0].split(":")[0]: r for r in rows}
         rule = min((r for r in rows if r[0].startswith("rule:")), key=lambda r: r[5], default=None)
         evo = next((r for r in rows if r[0] == "evo (ours)"), None)
-        from_ilp = min((r for r in rows if r[0].startswith("evo (ours, from")), key=lambda r: r[5], default=None)
+        from_ilp = min((r for r in rows if r[0].startswith(("evo (ours, from", "evo refine"))), key=lambda r: r[5],
+                       default=None)
         ours = min((r for r in (evo, from_ilp) if r), key=lambda r: r[5], default=rows[0])   # the best evo row
         mix = by.get("best mix")
         cells = [rows[0], mix, rule, by.get("proxy"), by.get("hessian"), by.get("evopress-default"), evo, from_ilp]
