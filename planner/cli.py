@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "plan), lagrange (sweep of budgets), hessian (with --max-kl/--max-ppl-increase: bisection to the target), "
                    "or moe-lp (MoE models: MC-MoE expert allocation from routing statistics, --moe-*)")
     s.add_argument("--schedule", default=None, help="evo racing schedule: cpu (default: 30 generations, 16 offspring, "
-                   "4@512,1@2048), fast (EvoPress super-fast), paper (EvoPress defaults; needs --kl-topk and much text)")
+                   "4@512,1@2048), fast (EvoPress super-fast), paper (EvoPress defaults; needs --kl-topk and much text), refine "
+                   "(a second run from a converged plan: --init PLAN.json; 4@512,1@2048,1@8192 and --screen 4)")
     s.add_argument("--generations", type=int, default=None, help="evo / nsga2 generations (evo: overrides the schedule)")
     s.add_argument("--offspring", type=int, default=None, help="evo / nsga2 offspring per generation (evo: overrides the schedule)")
     s.add_argument("--pop-size", type=_positive, default=None, help="nsga2 population (default 24)")

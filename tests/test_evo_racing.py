@@ -155,3 +155,12 @@ def test_screen_needs_a_damage_table():
 
     with pytest.raises(PlannerError, match="predicted damage"):
         make_searcher("evo", toy_problem(), {"screen": 4}, 0)
+
+
+@pytest.mark.parametrize("name", ["paper", "fast", "cpu", "refine"])
+def test_every_named_schedule_is_a_valid_config(name):
+    from planner.search import make_config
+    from planner.search.evo import SCHEDULES
+
+    config = make_config("evo", {k: [list(v) for v in s] if k == "stages" else s for k, s in SCHEDULES[name].items()})
+    assert config.stages[-1][0] == 1 and config.generations > 0

@@ -57,11 +57,15 @@ class EvoConfig:
 
 # Racing schedules by name (EvoConfig fields). `paper`: EvoPress's quantization defaults;
 # `fast`: its "super-fast" variant; `cpu`: sized so the default run (levels build included)
-# fits in 15 minutes on a 2-core CPU with the 135M default model.
+# fits in 15 minutes on a 2-core CPU with the 135M default model; `refine`: a second run from a
+# converged plan (--init PLAN.json): near a local optimum offspring differ from the parent by less
+# than a 2048-token batch can tell apart (bench/racing_noise.py), so the last stage measures 8192
+# tokens, and the screen spends the races on the moves the sensitivity finds plausible.
 SCHEDULES: dict[str, dict] = {
     "paper": {"generations": 150, "offspring": 128, "stages": ((16, 2048), (4, 16384), (1, 131072))},
     "fast": {"generations": 150, "offspring": 16, "stages": ((1, 512), (1, 8192))},
     "cpu": {"generations": 30, "offspring": 16, "stages": ((4, 512), (1, 2048))},
+    "refine": {"generations": 60, "offspring": 16, "stages": ((4, 512), (1, 2048), (1, 8192)), "screen": 4},
 }
 
 
