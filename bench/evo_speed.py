@@ -131,6 +131,10 @@ def main() -> None:
     emit("ceiling of the prefix cache's speed-up at the blocks-run fractions above, the rest of a candidate fixed:")
     for label, frac in fracs.items():
         emit(f"  {label:<36} {frac:>4.0%} of blocks -> {(blocks + head + kl) / (frac * blocks + head + kl):.2f}x")
+    need = ((blocks + head + kl) / 2 - head - kl) / blocks
+    emit(f"a 2x speed-up needs at most {need:.0%} of blocks rerun; a one-switch offspring reruns from the earlier of its "
+         f"two switched units, uniform over the model: 2/3 of it expected, so no exact cache reaches 2x "
+         f"(even a free lm_head and KL would cap it at 1/(2/3) = 1.5x)")
 
     emit("\n# one generation: racing (cpu schedule) vs every offspring at the last stage's tokens")
     cpu = SCHEDULES["cpu"]

@@ -88,7 +88,8 @@ def test_ppl_target_and_tied_lagrange_sweep(data_args, tmp_path):
         assert r.bits <= 3.5 + 1e-9
 
 
-@pytest.mark.parametrize("flags", [["--init", "hessian"], ["--screen", "3"]], ids=["warm-start", "screen"])
+@pytest.mark.parametrize("flags", [["--init", "hessian"], ["--screen", "3"], ["--schedule", "refine"]],
+                         ids=["warm-start", "screen", "refine-schedule"])
 def test_evo_takes_the_score_for_a_warm_start_or_a_screen(data_args, tmp_path, flags):
     rc, _, err = run_cli(["search", "--budget", "3.0bits", *flags, "--score", "proxy", *TOKENS,
                           "--generations", "1", "--offspring", "2", "--stages", "1@128",
@@ -97,8 +98,8 @@ def test_evo_takes_the_score_for_a_warm_start_or_a_screen(data_args, tmp_path, f
     run = RunDir.open(tmp_path / "evo")
     assert run.read("sensitivity.json")["score"] == "proxy"
     assert sum(r.method == "evo" and r.label != "parent" for r in run.results()) >= 2
-    if "--screen" in flags:
-        assert run.read("config.json")["method_config"]["screen"] == 3
+    if "--init" not in flags:      # the screen, from the flag or the schedule, needed the score
+        assert run.read("config.json")["method_config"]["screen"] == (3 if "--screen" in flags else 4)
 
 
 @pytest.mark.parametrize("argv, match", [
