@@ -164,3 +164,20 @@ def test_every_named_schedule_is_a_valid_config(name):
 
     config = make_config("evo", {k: [list(v) for v in s] if k == "stages" else s for k, s in SCHEDULES[name].items()})
     assert config.stages[-1][0] == 1 and config.generations > 0
+
+
+def test_a_screened_run_restored_from_json_mid_generation_continues_identically():
+    problem = toy_problem()
+    config = {"generations": 4, "offspring": 6, "screen": 3, "stages": STAGES, "damage": _additive_damage(problem)}
+    whole = make_searcher("evo", problem, config, 5)
+    while not whole.done():
+        whole.tell(_known(problem)(whole.ask()))
+    first = make_searcher("evo", problem, config, 5)
+    for _ in range(5):                          # stop between ask and tell, mid-generation
+        first.tell(_known(problem)(first.ask()))
+    first.ask()
+    resumed = make_searcher("evo", problem, config, 5)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    while not resumed.done():
+        resumed.tell(_known(problem)(resumed.ask()))
+    assert resumed.best() == whole.best() and resumed.history == whole.history

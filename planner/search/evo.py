@@ -11,6 +11,10 @@ warm start is returned if it wins. Short racing stages on a plan that is already
 Hessian or MC-MoE allocation) can drift below it on noise; the check makes evo never return a plan
 that measures worse than the one it was given, at a cost of 2 x final_batches evaluations.
 
+With `screen` > 1 (and a sensitivity's `damage` rows) each generation breeds screen x offspring and
+races the `offspring` whose summed predicted damage is least: measured evaluations go to plausible
+moves, and the race still decides among them on the whole model.
+
 State is a plain dict (parent, the pending stage's plans, generation, stage, rng, history), so a
 run restored from JSON between ask and tell continues identically. A failed parent measurement is
 stored as inf, which Python's json writes as `Infinity` (as the journal does for failed rows).
