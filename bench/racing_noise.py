@@ -40,12 +40,8 @@ def main() -> None:
     ap.add_argument("--out", default="reports/racing_noise.txt")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lines: list[str] = []
-
-    def emit(s: str = "") -> None:
-        print(s)
-        lines.append(s)
-
+    lines: list[str] = []        # the report, printed and written once every row is measured
+    emit = lines.append
     session = prepare(ModelData(), load_space("gptq-g128"), quiet=True)
     problem = session.problem(parse_budget(args.budget))
     ev = session.evaluator(problem)
@@ -71,7 +67,9 @@ def main() -> None:
              f"{effect.min():>+7.2%}..{effect.max():<+7.2%} {per_eval:>9.2f}")
     emit("# paired noise: the median over offspring of the std over batches of (offspring KL / plan KL - 1);")
     emit("# offspring effect: the median over offspring of that ratio's mean over batches (its true difference)")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":
