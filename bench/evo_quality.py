@@ -95,6 +95,8 @@ def main() -> None:
                     "evo row of this run)")
     ap.add_argument("--refine-generations", type=int, default=60)
     ap.add_argument("--refine-stages", default="4@512,1@2048,1@8192")
+    ap.add_argument("--refine-seed", type=int, default=None, help="the refine row's search seed (default --seed + 1; "
+                    "--seed also picks the windows)")
     ap.add_argument("--plans", default="reports/plans", help="where each evo row's plan is written")
     args = ap.parse_args()
     wanted = set(args.rows.split(","))
@@ -195,10 +197,11 @@ def main() -> None:
             stages = [[int(v) for v in st.split("@")] for st in args.refine_stages.split(",")]
             refine = {**mine, "generations": args.refine_generations, "stages": stages, "screen": args.screen,
                       "damage": fisher["damage"], "init_x": [int(v) for v in start]}
-            s, _, n, t = search("evo", problem, ev, refine, args.seed + 1, workdir)
+            rseed = args.seed + 1 if args.refine_seed is None else args.refine_seed
+            s, _, n, t = search("evo", problem, ev, refine, rseed, workdir)
             measure(f"evo refine ({args.refine_generations} gens)", s.best(), n, t)
             notes.append(f"# refine: {args.refine_generations} generations, stages {args.refine_stages}, screen "
-                         f"{args.screen}, seed {args.seed + 1}, from {origin}")
+                         f"{args.screen}, seed {rseed}, from {origin}")
 
         base = rows[0][5]
         emit(f"\n## budget {b} bits")
