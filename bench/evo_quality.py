@@ -19,9 +19,9 @@ Rows per budget:
   evo (ours, ...)    evo warm-started from the hessian plan (`--init hessian`)
   evo (..., screened) from the hessian plan, breeding --screen x 16 offspring and racing the 16 the
                      Fisher damage predicts best (`--init hessian --screen N`)
-  evo refine         a second run from the best evo plan above (or --refine-from PLAN.json) with
-                     higher-fidelity racing (--refine-stages, default 4@512,1@2048,1@8192), the screen
-                     and seed + 1: `planner search --init PLAN.json --stages ... --screen N --seed 1`
+  evo refine         a second run from the best evo plan above (or --refine-from PLAN.json) with the
+                     `refine` schedule (its stages, generations and screen unless overridden) and search
+                     seed + 1: `planner search --init PLAN.json --schedule refine --seed 1`
 
 Every evo row's plan is written to --plans DIR (default reports/plans) as <budget>bits-<row>.json.
 """
@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.budget import parse_budget  # noqa: E402
+from planner.cli import _parse_stages  # noqa: E402
 from planner.data.corpus import BUILTIN_DOCS, load_text  # noqa: E402
 from planner.data.windows import make_windows, tokenize  # noqa: E402
 from planner.evaluate.evaluator import InProcessEvaluator  # noqa: E402
@@ -90,11 +91,12 @@ def main() -> None:
                     help=f"which searches to run, comma-separated from {','.join(ROWS)} (the baselines are cheap)")
     ap.add_argument("--hessian-generations", type=int, default=None,
                     help="generations of the evo-from-hessian rows (default: --generations)")
-    ap.add_argument("--screen", type=int, default=4, help="the evo-screen and refine rows' screen (bred / raced)")
+    refine = SCHEDULES["refine"]
+    ap.add_argument("--screen", type=int, default=refine["screen"], help="the evo-screen and refine rows' screen")
     ap.add_argument("--refine-from", default=None, help="refine row: start from this plan file (default: the best "
                     "evo row of this run)")
-    ap.add_argument("--refine-generations", type=int, default=60)
-    ap.add_argument("--refine-stages", default="4@512,1@2048,1@8192")
+    ap.add_argument("--refine-generations", type=int, default=refine["generations"])
+    ap.add_argument("--refine-stages", default=",".join(f"{n}@{t}" for n, t in refine["stages"]))
     ap.add_argument("--refine-seed", type=int, default=None, help="the refine row's search seed (default --seed + 1; "
                     "--seed also picks the windows)")
     ap.add_argument("--plans", default="reports/plans", help="where each evo row's plan is written")
@@ -194,11 +196,10 @@ def main() -> None:
                 if best is None:
                     ap.error("--rows refine needs an evo row before it, or --refine-from PLAN.json")
                 start, origin = best[-1], best[0]
-            stages = [[int(v) for v in st.split("@")] for st in args.refine_stages.split(",")]
-            refine = {**mine, "generations": args.refine_generations, "stages": stages, "screen": args.screen,
-                      "damage": fisher["damage"], "init_x": [int(v) for v in start]}
+            config = {**mine, "generations": args.refine_generations, "stages": _parse_stages(args.refine_stages),
+                      "screen": args.screen, "damage": fisher["damage"], "init_x": [int(v) for v in start]}
             rseed = args.seed + 1 if args.refine_seed is None else args.refine_seed
-            s, _, n, t = search("evo", problem, ev, refine, rseed, workdir)
+            s, _, n, t = search("evo", problem, ev, config, rseed, workdir)
             measure(f"evo refine ({args.refine_generations} gens)", s.best(), n, t)
             notes.append(f"# refine: {args.refine_generations} generations, stages {args.refine_stages}, screen "
                          f"{args.screen}, seed {rseed}, from {origin}")

@@ -12,7 +12,7 @@ import pytest
 
 from planner.search import Candidate, Result, make_searcher
 from planner.search.operators import fill_uniform
-from tests.test_search_contract import toy_problem, true_kl
+from tests.test_search_contract import toy_problem, true_kl, unit_errors
 
 STAGES = ((4, 128), (2, 256), (1, 1024))
 
@@ -116,10 +116,8 @@ def test_final_check_keeps_an_improved_parent_and_costs_nothing_without_a_warm_s
 def _additive_damage(problem):
     """true_kl's per-unit part as [unit][level] rows: a sensitivity that is right but for the
     interaction term, as a Fisher score is."""
-    sens = np.random.default_rng(1234).lognormal(0.0, 1.0, problem.n_units)
-    sens *= np.array([{"down_proj": 4.0, "k_proj": 2.0}.get(k, 1.0) for k in problem.kinds])
-    return [[float(sens[u] * 4.0 ** (-problem.code_bits[u, lv] / problem.numel[u]) * 100 * problem.numel[u]
-                   / problem.total_numel) for lv in range(problem.n_levels[u])] for u in range(problem.n_units)]
+    table = unit_errors(problem, problem.code_bits / problem.numel[:, None]) * problem.numel[:, None] / problem.total_numel
+    return [[float(v) for v in table[u, :problem.n_levels[u]]] for u in range(problem.n_units)]
 
 
 @pytest.mark.parametrize("seed", range(3))

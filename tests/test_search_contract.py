@@ -68,12 +68,18 @@ def ties_kept(problem: Problem, x) -> bool:
     return all(len({problem.levels[u][x[u]] for u in g}) == 1 for g in problem.tie_groups())
 
 
-def true_kl(problem: Problem, x) -> float:
-    """Non-additive synthetic fitness: weighted per-unit errors plus a per-block attn x mlp term."""
+def unit_errors(problem: Problem, bits: np.ndarray) -> np.ndarray:
+    """Each unit's error at `bits` per weight (broadcast over a trailing level axis): a fixed
+    random sensitivity, down_proj and k_proj weighted up, times 4^-bits."""
     sens = np.random.default_rng(1234).lognormal(0.0, 1.0, problem.n_units)
     sens *= np.array([{"down_proj": 4.0, "k_proj": 2.0}.get(k, 1.0) for k in problem.kinds])
+    return sens.reshape(sens.shape + (1,) * (bits.ndim - 1)) * 4.0 ** (-bits) * 100
+
+
+def true_kl(problem: Problem, x) -> float:
+    """Non-additive synthetic fitness: weighted per-unit errors plus a per-block attn x mlp term."""
     bits = problem.code_bits[np.arange(problem.n_units), np.asarray(x)] / problem.numel
-    err = sens * 4.0 ** (-bits) * 100
+    err = unit_errors(problem, bits)
     additive = float((err * problem.numel).sum() / problem.total_numel)
     blocks = np.asarray(problem.blocks)
     attn = np.array([k in ("q_proj", "k_proj") for k in problem.kinds])

@@ -61,7 +61,8 @@ def session_sensitivity(session, config: SensitivityConfig) -> Sensitivity:
 
 def needs_sensitivity(method: str, init: str | None, config: dict | None = None) -> bool:
     """Proxy searchers, evo's hessian warm start and evo's offspring screen rank by predicted damage."""
-    screened = method == "evo" and int((config or {}).get("screen", 1)) > 1 and (config or {}).get("damage") is None
+    config = config or {}
+    screened = method == "evo" and int(config.get("screen", 1)) > 1 and config.get("damage") is None
     return method in PROXY_METHODS or init == "hessian" or screened
 
 
